@@ -1,0 +1,120 @@
+"""How the daemon drives the CernVM-FS client, per cvmfs2-interface.md and nothing more."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .children import Children
+from .config import Config
+from .errors import BootFailed, BootTimeout, MountError
+from .names import check_syntax
+
+# What the system mount helper and the official service container pass (interface §1);
+# libfuse=3 because only the fuse3 library supports the mount-namespace tricks this design needs.
+BASE_OPTIONS = ("fsname=cvmfs2", "system_mount", "allow_other", "grab_mountpoint", "libfuse=3")
+TALK_LIMIT = 512
+
+
+def argv(cfg: Config, fqrn: str, mountpoint: Path) -> list[str]:
+    """The exact command line. fqrn must already be validated; this re-checks, since a name that
+    reached here unchecked could otherwise become an option ('-o') or split one (',')."""
+    check_syntax(fqrn)
+    options = list(BASE_OPTIONS)
+    if cfg.cvmfs2_config:
+        options.append("config=" + ":".join(str(p) for p in cfg.cvmfs2_config))
+    return [str(cfg.cvmfs2), "-o", ",".join(options), fqrn, str(mountpoint)]
+
+
+@dataclass(frozen=True)
+class Booted:
+    launcher_pid: int
+    seconds: float
+    output: str
+
+
+def _read_all(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path) -> Booted:
+    """Run the cvmfs2 launcher; return once it exited 0, i.e. the kernel mount exists.
+
+    Output goes to anonymous memory files, not pipes: the daemonized grandchild must not be able
+    to keep a pipe open and stall us. A boot past mount_timeout is killed with its session.
+    """
+    out = os.memfd_create("cvmfs2-stdout", os.MFD_CLOEXEC)
+    err = os.memfd_create("cvmfs2-stderr", os.MFD_CLOEXEC)
+    try:
+        started = time.monotonic()
+        pid = children.spawn(argv(cfg, fqrn, mountpoint), stdout=out, stderr=err)
+        try:
+            with trio.move_on_after(cfg.mount_timeout) as timeout:
+                status = await children.wait(pid)
+        finally:
+            if children.running(pid):
+                # Timed out or cancelled (shutdown): kill the whole boot, then collect it. The
+                # wait is bounded because a process stuck in the kernel ignores even SIGKILL.
+                children.kill_group(pid)
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await children.wait(pid)
+        if timeout.cancelled_caught:
+            raise BootTimeout(cfg.mount_timeout, _read_all(err))
+        stderr = _read_all(err)
+        if status != 0:
+            raise BootFailed(status if status > 0 else None, stderr,
+                             signal=-status if status < 0 else None)
+        return Booted(pid, time.monotonic() - started, _read_all(out) + stderr)
+    finally:
+        os.close(out)
+        os.close(err)
+
+
+def serving_pid(mountpoint: Path) -> int:
+    """Pid of the process serving a cvmfs2 mount (xattr user.pid, interface §6). Blocking."""
+    return int(os.getxattr(mountpoint, "user.pid"))
+
+
+def mounted_fqrn(mountpoint: Path) -> str:
+    return os.getxattr(mountpoint, "user.fqrn").decode()
+
+
+def talk(socket_path: Path, command: str, timeout: float = 5.0) -> str:
+    """One command over the cvmfs2 talk socket (interface §5). Blocking: use a worker thread."""
+    data = command.encode()
+    if len(data) > TALK_LIMIT:
+        raise ValueError("talk command longer than 512 bytes")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(socket_path))
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace").strip()
+
+
+def cleanup_staging(mountpoint: Path) -> None:
+    """Detach whatever a failed or cancelled boot left at its staging path. Blocking."""
+    from . import kernel
+
+    while kernel.mounts_at(str(mountpoint)):
+        try:
+            kernel.umount(mountpoint, kernel.MNT_DETACH)
+        except OSError:
+            break
+    with contextlib.suppress(OSError):
+        mountpoint.rmdir()
+
+
+__all__ = ["Booted", "MountError", "argv", "boot", "cleanup_staging", "serving_pid", "talk"]

@@ -1,0 +1,168 @@
+"""The daemon's configuration: one TOML file with documented defaults, overridable by flags.
+
+An invalid configuration raises ConfigError before anything is mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .names import InvalidName, NamePolicy, check_syntax
+
+DEFAULT_CONFIG_PATH = Path("/etc/cvmfsd/cvmfsd.toml")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where the lazy root is served.
+    root: Path = Path("/cvmfs")
+    # Runtime directory: staging mounts, state file, status socket.
+    run_dir: Path = Path("/run/cvmfsd")
+    # The CernVM-FS client. Production: /usr/bin/cvmfs2 from the cvmfs package.
+    cvmfs2: Path = Path("/usr/bin/cvmfs2")
+    # Empty: cvmfs2 reads the node's /etc/cvmfs hierarchy (and the config repository).
+    # Otherwise exactly these files, passed as `-o config=a:b` (no /etc defaults).
+    cvmfs2_config: tuple[Path, ...] = ()
+    # Glob patterns on the repository name; deny wins over allow.
+    allow: tuple[str, ...] = ("*",)
+    deny: tuple[str, ...] = ()
+    # The config repository that cvmfs2 itself reads under the root while booting another
+    # repository: it bypasses the boot limit so that a full limit cannot deadlock on it.
+    config_repository: str = "cvmfs-config.cern.ch"
+    # Seconds a cvmfs2 boot may take before it is killed and reported.
+    mount_timeout: float = 60.0
+    max_concurrent_boots: int = 8
+    # After a failed boot, lookups fail at once for backoff_initial * 2**(failures-1) seconds,
+    # capped at backoff_max, so a loop of lookups does not start one cvmfs2 per lookup.
+    backoff_initial: float = 2.0
+    backoff_max: float = 300.0
+    # Seconds a handler waits for an attach before it answers (DESIGN.md §5: every wait is
+    # bounded). 0 means mount_timeout + 5.
+    attach_wait: float = 0.0
+    # Concurrent FUSE requests; waiting handlers occupy one each.
+    fuse_max_tasks: int = 512
+    log_level: str = "info"
+    log_format: str = "auto"  # auto: JSON unless stderr is a TTY; or "json", "console"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.run_dir / "staging"
+
+    @property
+    def policy(self) -> NamePolicy:
+        return NamePolicy(allow=self.allow, deny=self.deny)
+
+    @property
+    def handler_wait(self) -> float:
+        return self.attach_wait or self.mount_timeout + 5.0
+
+
+_PATHS = {"root", "run_dir", "cvmfs2"}
+_FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait"}
+_INTS = {"max_concurrent_boots", "fuse_max_tasks"}
+_STR_LISTS = {"allow", "deny"}
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in _PATHS:
+        if not isinstance(value, str | os.PathLike) or not str(value):
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        path = Path(value)
+        if not path.is_absolute():
+            raise ConfigError(f"{key}: must be an absolute path, got {str(path)!r}")
+        return Path(os.path.normpath(path))
+    if key == "cvmfs2_config":
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list of file paths")
+        return tuple(_coerce("root", v) for v in value)
+    if key in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if key in _INTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if key in _STR_LISTS:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: expected a list of non-empty glob patterns")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _validate(cfg: Config) -> Config:
+    problems = []
+    if cfg.mount_timeout <= 0:
+        problems.append("mount_timeout must be > 0")
+    if cfg.attach_wait < 0:
+        problems.append("attach_wait must be >= 0")
+    if cfg.max_concurrent_boots < 1:
+        problems.append("max_concurrent_boots must be >= 1")
+    if cfg.fuse_max_tasks < 8:
+        problems.append("fuse_max_tasks must be >= 8")
+    if not 0 < cfg.backoff_initial <= cfg.backoff_max:
+        problems.append("need 0 < backoff_initial <= backoff_max")
+    if cfg.log_level not in _LOG_LEVELS:
+        problems.append(f"log_level must be one of {sorted(_LOG_LEVELS)}")
+    if cfg.log_format not in {"auto", "json", "console"}:
+        problems.append("log_format must be auto, json or console")
+    if cfg.root == Path("/") or cfg.root == cfg.run_dir or cfg.run_dir.is_relative_to(cfg.root):
+        problems.append("run_dir must lie outside root, and root must not be /")
+    for path in cfg.cvmfs2_config:
+        # These become one `-o config=a:b` option: a ':' or ',' would split it, '=' is confusing.
+        if any(c in str(path) for c in ":,=\n"):
+            problems.append(f"cvmfs2_config entry {str(path)!r} contains ':', ',', '=' or newline")
+        elif not path.is_file():
+            problems.append(f"cvmfs2_config entry {str(path)!r} is not a readable file")
+    if not (cfg.cvmfs2.is_file() and os.access(cfg.cvmfs2, os.X_OK)):
+        problems.append(f"cvmfs2 binary {str(cfg.cvmfs2)!r} is not an executable file")
+    for pattern in cfg.allow + cfg.deny:
+        if "/" in pattern or "\x00" in pattern:
+            problems.append(f"pattern {pattern!r} contains '/' or NUL")
+    if cfg.config_repository:
+        try:
+            check_syntax(cfg.config_repository)
+        except InvalidName as exc:
+            problems.append(f"config_repository {cfg.config_repository!r}: {exc}")
+        if not cfg.policy.permits(cfg.config_repository):
+            problems.append(f"config_repository {cfg.config_repository!r} is denied by the policy")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return cfg
+
+
+def build(values: dict[str, Any], base: Config | None = None) -> Config:
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    return _validate(replace(base or Config(), **coerced))
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read the TOML file (missing default file = defaults), then apply flag overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            if path != DEFAULT_CONFIG_PATH:
+                raise ConfigError(f"configuration file {str(path)!r} does not exist") from None
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            raise ConfigError(f"cannot read {str(path)!r}: {exc}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(values)
+

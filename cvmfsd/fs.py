@@ -1,0 +1,216 @@
+"""The pyfuse3 Operations of the root: a thin adapter over the registry and the mounter.
+
+Handlers raise only FUSEError: domain errors (MountError) are translated at one boundary, and an
+unexpected exception degrades the daemon visibly (EIO, logged, counted) instead of killing the
+FUSE loop. The rules below are DESIGN.md §2-4, measured on the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import structlog
+import trio
+
+from .config import Config
+from .errors import MountError
+from .lifecycle import State
+from .mounter import Mounter
+from .names import InvalidName, check
+from .registry import ROOT_INODE, Registry, Repo
+
+log = structlog.get_logger("cvmfsd.fs")
+
+# Names never change their nodeid and the root never changes: let the kernel cache them (almost)
+# forever, so that already-mounted repositories keep working while this daemon restarts.
+FOREVER = 1e6
+
+T = TypeVar("T")
+
+
+def fuse_boundary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(handler)
+    async def wrapper(self: RootOperations, *args: Any) -> T:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except MountError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception as exc:
+            self.internal_errors += 1
+            log.exception("handler_failed", handler=handler.__name__, error=repr(exc))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+class RootOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, cfg: Config, registry: Registry, mounter: Mounter) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.registry = registry
+        self.mounter = mounter
+        self.internal_errors = 0
+        self._epoch_ns = time.time_ns()
+        self._nlookup: dict[int, int] = {}
+
+    # --- attributes -------------------------------------------------------------------------
+    def _attrs(self, inode: int, mode: int, timeout: float) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.generation = 0
+        attr.st_mode = stat.S_IFDIR | mode
+        attr.st_nlink = 2
+        attr.st_uid = attr.st_gid = 0
+        attr.st_size = 0
+        attr.st_blksize = 4096
+        attr.st_blocks = 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._epoch_ns
+        attr.entry_timeout = FOREVER
+        attr.attr_timeout = timeout
+        return attr
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        return self._attrs(ROOT_INODE, 0o755, FOREVER)
+
+    def _entry(self, repo: Repo) -> pyfuse3.EntryAttributes:
+        # Every reply for a name (LOOKUP, readdirplus, GETATTR) must be identical, or the kernel
+        # detaches what is mounted there. attr_timeout 0: each access through the covered inode
+        # comes back here, which is what lets the race window answer ESTALE.
+        self._nlookup[repo.inode] = self._nlookup.get(repo.inode, 0) + 1
+        return self._attrs(repo.inode, 0o555, 0)
+
+    def _repo(self, inode: int) -> Repo:
+        repo = self.registry.by_inode(inode)
+        if repo is None:
+            raise _fail(errno.ENOENT)
+        return repo
+
+    async def _through_covered_inode(self, inode: int, ctx: pyfuse3.RequestContext) -> Repo:
+        """A request on a name's own inode comes from a walk that did not cross a mount there.
+
+        Our mount workers get answered at once. Anyone else waits (bounded) for the attach and
+        gets ESTALE, so the VFS walks again with LOOKUP_REVAL and crosses the new mount.
+        """
+        repo = self._repo(inode)
+        if self.registry.is_own_thread(ctx.pid):
+            return repo
+        if repo.state is State.UNMOUNTING:
+            with trio.move_on_after(self.cfg.handler_wait):
+                await repo.settled.wait()
+        if repo.state is not State.MOUNTED:
+            self.mounter.request(repo)
+            await self.mounter.settle(repo, self.cfg.handler_wait)
+        raise _fail(errno.ESTALE)
+
+    # --- handlers ---------------------------------------------------------------------------
+    @fuse_boundary
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INODE:
+            # A child of a covered inode: the kernel holds that inode's lock, which the attach
+            # needs, so never wait here (DESIGN.md §2).
+            raise _fail(errno.ESTALE if self.registry.by_inode(parent_inode) else errno.ENOENT)
+        try:
+            text = name.decode("ascii")
+        except UnicodeDecodeError:
+            raise _fail(errno.ENOENT) from None
+        repo = self.registry.get(text)
+        if repo is None:
+            if self.mounter.closing:
+                raise _fail(errno.ENOENT)
+            try:
+                check(text, self.cfg.policy)
+            except InvalidName:
+                raise _fail(errno.ENOENT) from None
+            repo = self.registry.add(text)
+        # Never an error for a name that is mounted or booting: that would detach it (§4).
+        self.mounter.request(repo)
+        return self._entry(repo)
+
+    @fuse_boundary
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            left = self._nlookup.get(inode, 0) - count
+            if left > 0:
+                self._nlookup[inode] = left
+            else:
+                self._nlookup.pop(inode, None)
+
+    @fuse_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._root_attrs()
+        repo = await self._through_covered_inode(inode, ctx)
+        return self._attrs(repo.inode, 0o555, 0)
+
+    @fuse_boundary
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if inode != ROOT_INODE:
+            await self._through_covered_inode(inode, ctx)
+        return not mode & 0o2  # read-only
+
+    @fuse_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode != ROOT_INODE:
+            await self._through_covered_inode(inode, ctx)
+        return inode
+
+    @fuse_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh != ROOT_INODE:
+            raise _fail(errno.ESTALE)  # never wait: the kernel holds the directory lock
+        for repo in self.registry.mounted():
+            if repo.inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, repo.name.encode(), self._entry(repo),
+                                         repo.inode):
+                # Not sent: undo the lookup count that _entry() took.
+                self._nlookup[repo.inode] -= 1
+                return
+
+    @fuse_boundary
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @fuse_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode != ROOT_INODE:
+            await self._through_covered_inode(inode, ctx)
+        raise _fail(pyfuse3.ENOATTR)
+
+    @fuse_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode != ROOT_INODE:
+            await self._through_covered_inode(inode, ctx)
+        return []
+
+    @fuse_boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _fail(errno.ESTALE if inode != ROOT_INODE else errno.EROFS)
+
+    @fuse_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.registry.mounted()) + 1
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data

@@ -1,0 +1,58 @@
+"""The mount lifecycle of one repository: a small pure state machine, no I/O, no clock."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    IDLE = "idle"            # not mounted; the next access boots it
+    BOOTING = "booting"      # cvmfs2 starting at the staging path, or being attached
+    MOUNTED = "mounted"      # attached at <root>/<name>
+    FAILED = "failed"        # last boot failed; no new boot before the backoff ends
+    UNMOUNTING = "unmounting"
+
+
+class Event(StrEnum):
+    BOOT = "boot"
+    BOOTED = "booted"
+    BOOT_FAILED = "boot_failed"
+    UNMOUNT = "unmount"
+    UNMOUNTED = "unmounted"
+    UNMOUNT_REFUSED = "unmount_refused"  # busy: keep it
+    DIED = "died"            # the serving process exited or the mount turned corrupted
+
+
+_TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.IDLE, Event.BOOT): State.BOOTING,
+    (State.FAILED, Event.BOOT): State.BOOTING,
+    (State.BOOTING, Event.BOOTED): State.MOUNTED,
+    (State.BOOTING, Event.BOOT_FAILED): State.FAILED,
+    (State.MOUNTED, Event.UNMOUNT): State.UNMOUNTING,
+    (State.MOUNTED, Event.DIED): State.IDLE,
+    (State.UNMOUNTING, Event.UNMOUNTED): State.IDLE,
+    (State.UNMOUNTING, Event.UNMOUNT_REFUSED): State.MOUNTED,
+    (State.UNMOUNTING, Event.DIED): State.IDLE,
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def next_state(state: State, event: Event) -> State:
+    try:
+        return _TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"{event} in state {state}") from None
+
+
+def backoff(failures: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the n-th consecutive failure before booting again."""
+    if failures <= 0:
+        return 0.0
+    return min(maximum, initial * 2 ** min(failures - 1, 32))
+
+
+def may_boot(state: State, now: float, retry_at: float) -> bool:
+    return state is State.IDLE or (state is State.FAILED and now >= retry_at)

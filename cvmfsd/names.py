@@ -1,0 +1,61 @@
+"""Which names under the root may become a repository mount.
+
+Checked before anything is started: the autofs program-map rule of the cvmfs packages
+(cvmfs2-interface.md §7), the mount helper's length limit, a list of names that tools probe all
+the time, then the node's allow/deny policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+MAX_NAME = 60
+
+# auto.cvmfs: starts alphanumeric, only [A-Za-z0-9._-], at least one dot, does not end with a dot.
+_AUTOFS_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.[A-Za-z0-9._-]*[A-Za-z0-9_-]")
+
+# Names that shells, VCS tools, desktop trash handlers and loaders probe in every directory they
+# pass through. Most already fail the rule above; the dotted ones are listed explicitly.
+PROBED_NAMES = frozenset({
+    ".git", "HEAD", ".svn", ".hg", ".bzr", "lib64", "lib", ".Trash", ".Trash-0",
+    ".xdg-volume-info", "autorun.inf", ".directory", ".hidden", "Desktop.ini", "desktop.ini",
+    ".DS_Store", "._.DS_Store", "tls", "haswell", "x86_64", "glibc-hwcaps",
+})
+_PROBED_SUFFIXES = (".so", ".so.1", ".so.6", ".py", ".pyc", ".txt", ".json", ".conf", ".lock")
+
+
+class InvalidName(ValueError):
+    """The name can never be a repository on this node."""
+
+
+@dataclass(frozen=True)
+class NamePolicy:
+    allow: tuple[str, ...] = ("*",)
+    deny: tuple[str, ...] = ()
+
+    def permits(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.deny):
+            return False
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.allow)
+
+
+def check_syntax(name: str) -> None:
+    """Raise InvalidName unless name could be a fully qualified repository name."""
+    if len(name) > MAX_NAME:
+        raise InvalidName(f"longer than {MAX_NAME} characters")
+    if name in PROBED_NAMES or name.startswith((".", "-")) or name.endswith(_PROBED_SUFFIXES):
+        raise InvalidName("a name that tools probe, not a repository")
+    if _AUTOFS_RULE.fullmatch(name) is None:
+        raise InvalidName("not a repository name ([A-Za-z0-9._-], starts alphanumeric, "
+                          "contains a dot, does not end with a dot)")
+    if ".." in name:
+        raise InvalidName("contains '..'")
+
+
+def check(name: str, policy: NamePolicy) -> None:
+    check_syntax(name)
+    if not policy.permits(name):
+        raise InvalidName("not allowed by the node's repository policy")
+

@@ -1,0 +1,110 @@
+"""The one registry of repository state: name, inode, lifecycle state, serving process, errors.
+
+Plain data, no I/O. Inode numbers are handed out once and never reused, so a name keeps one
+nodeid and generation for the daemon's lifetime (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import MountError
+from .lifecycle import Event, State, backoff, may_boot, next_state
+
+ROOT_INODE = 1
+
+
+@dataclass
+class Repo:
+    name: str
+    inode: int
+    state: State = State.IDLE
+    boots: int = 0
+    failures: int = 0              # consecutive
+    retry_at: float = 0.0
+    last_error: MountError | None = None
+    last_error_at: float | None = None
+    mounted_since: float | None = None  # wall clock, for status
+    mounted_at: float | None = None     # monotonic, for minimum age checks
+    serving_pid: int | None = None
+    # Set when the current boot settles (mounted or failed); replaced for each boot.
+    settled: trio.Event = field(default_factory=trio.Event)
+
+    def fire(self, event: Event) -> None:
+        self.state = next_state(self.state, event)
+
+
+class Registry:
+    def __init__(self, backoff_initial: float, backoff_max: float) -> None:
+        self._by_name: dict[str, Repo] = {}
+        self._by_inode: dict[int, Repo] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._backoff = (backoff_initial, backoff_max)
+        # Kernel thread ids of the daemon's own mount workers: their FUSE requests are answered
+        # at once, never made to wait for the attach they are performing.
+        self._own_tids: set[int] = set()
+        self._tid_lock = threading.Lock()
+
+    def get(self, name: str) -> Repo | None:
+        return self._by_name.get(name)
+
+    def by_inode(self, inode: int) -> Repo | None:
+        return self._by_inode.get(inode)
+
+    def add(self, name: str) -> Repo:
+        repo = Repo(name=name, inode=self._next_inode)
+        self._next_inode += 1
+        self._by_name[name] = repo
+        self._by_inode[repo.inode] = repo
+        return repo
+
+    def __iter__(self) -> Iterator[Repo]:
+        return iter(list(self._by_name.values()))
+
+    def mounted(self) -> list[Repo]:
+        return sorted((r for r in self._by_name.values() if r.state is State.MOUNTED),
+                      key=lambda r: r.inode)
+
+    def may_boot(self, repo: Repo, now: float) -> bool:
+        return may_boot(repo.state, now, repo.retry_at)
+
+    def begin_boot(self, repo: Repo) -> None:
+        repo.fire(Event.BOOT)
+        repo.boots += 1
+        repo.settled = trio.Event()
+
+    def booted(self, repo: Repo, pid: int, monotonic: float, wall: float) -> None:
+        repo.fire(Event.BOOTED)
+        repo.failures = 0
+        repo.serving_pid = pid
+        repo.mounted_at, repo.mounted_since = monotonic, wall
+        repo.settled.set()
+
+    def boot_failed(self, repo: Repo, error: MountError, monotonic: float, wall: float) -> None:
+        repo.fire(Event.BOOT_FAILED)
+        repo.failures += 1
+        repo.retry_at = monotonic + backoff(repo.failures, *self._backoff)
+        repo.last_error, repo.last_error_at = error, wall
+        repo.settled.set()
+
+    def gone(self, repo: Repo, event: Event) -> None:
+        """The mount is no longer attached (unmounted or died)."""
+        repo.fire(event)
+        repo.serving_pid = None
+        repo.mounted_at = repo.mounted_since = None
+
+    # --- own mount-worker threads -----------------------------------------------------------
+    def is_own_thread(self, tid: int) -> bool:
+        return tid in self._own_tids
+
+    def enter_own_thread(self) -> None:
+        with self._tid_lock:
+            self._own_tids.add(threading.get_native_id())
+
+    def leave_own_thread(self) -> None:
+        with self._tid_lock:
+            self._own_tids.discard(threading.get_native_id())
