@@ -1,0 +1,227 @@
+"""Fixtures that start real processes on real FUSE mounts: the cvmfs2 stand-in's repository
+server, and cvmfsd itself as a subprocess. Everything is stopped by pid and unmounted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from standin.kit import make_repo, write_config, write_wrapper
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_FILES: dict[str, bytes | str] = {
+    "README": "hello from the repository\n",
+    "bin/hello": "#!/bin/sh\necho hello-from-$(basename $(dirname $(dirname $(realpath $0))))\n",
+    "data/blob.bin": bytes(range(256)) * 64,
+    "etc/cvmfs/default.conf": "CVMFS_STANDIN_READ_MARK=yes\n",
+}
+
+
+def _umount_below(path: Path) -> None:
+    """Last-resort cleanup of mounts a failed test left under path (deepest first)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prefix = str(path)
+    for _ in range(3):
+        points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        mine = sorted((p for p in points if p == prefix or p.startswith(prefix + "/")),
+                      key=len, reverse=True)
+        if not mine:
+            return
+        for point in mine:
+            libc.umount2(point.encode(), 2)  # MNT_DETACH
+
+
+@dataclass
+class Env:
+    """A repository server, a cvmfs client configuration and a cvmfs2 binary for the daemon."""
+
+    tmp: Path
+    server: Path
+    client_config: Path
+    cvmfs2: Path
+    boots_log: Path
+
+    def add_repo(self, fqrn: str, files: dict[str, bytes | str] | None = None, **kw: Any) -> None:
+        make_repo(self.server, fqrn, DEMO_FILES if files is None else files,
+                  executable=("bin/hello",), **kw)
+
+    def boots(self) -> list[str]:
+        """Repositories cvmfs2 was launched for, one entry per launch (from the wrapper)."""
+        if not self.boots_log.exists():
+            return []
+        return [line.split()[-2] for line in self.boots_log.read_text().splitlines() if line]
+
+    def repo_config(self, fqrn: str, **params: str) -> None:
+        """Per-repository client parameters (fault knobs), like /etc/cvmfs/config.d/<fqrn>.conf."""
+        write_config(self.tmp / "etc-cvmfs" / "config.d" / f"{fqrn}.conf", **params)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    server = tmp_path / "server"
+    server.mkdir()
+    cache = tmp_path / "cache"
+    etc = tmp_path / "etc-cvmfs"
+    (etc / "config.d").mkdir(parents=True)
+    client_config = tmp_path / "client.conf"
+    write_config(client_config, CVMFS_SERVER_URL=f"file://{server}/@fqrn@",
+                 CVMFS_HTTP_PROXY="DIRECT", CVMFS_CACHE_BASE=str(cache),
+                 CVMFS_RELOAD_SOCKETS=str(tmp_path / "reload"), CVMFS_KEYS_DIR=str(etc / "keys"))
+    # Config files are shell fragments evaluated with CVMFS_FQRN set: pull in per-repository
+    # fault knobs the way a node's config.d would.
+    with open(client_config, "a") as f:
+        knobs = f'"{etc}/config.d/$CVMFS_FQRN.conf"'
+        f.write(f"if [ -f {knobs} ]; then . {knobs}; fi\n")
+    inner = write_wrapper(tmp_path / "standin-cvmfs2", env={"CVMFS_STANDIN_ETC": str(etc)})
+    boots_log = tmp_path / "boots.log"
+    counting = tmp_path / "cvmfs2"
+    counting.write_text(f'#!/bin/sh\necho "$$ $*" >> {boots_log}\nexec {inner} "$@"\n')
+    counting.chmod(0o755)
+    e = Env(tmp_path, server, client_config, counting, boots_log)
+    for fqrn in ("alice.cern.ch", "atlas.cern.ch", "cms.cern.ch", "lhcb.cern.ch",
+                 "sft.cern.ch", "oasis.opensciencegrid.org", "icecube.opensciencegrid.org",
+                 "ligo.osgstorage.org", "cvmfs-config.cern.ch"):
+        e.add_repo(fqrn)
+    return e
+
+
+@dataclass
+class Daemon:
+    env: Env
+    root: Path
+    run_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    serving_pids: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or record.get("event") == name:
+                out.append(record)
+        for record in out:
+            if record.get("serving_pid"):
+                self.serving_pids.add(record["serving_pid"])
+        return out
+
+    def mount_attempts(self, repo: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.events("mount") if repo is None or r["repo"] == repo]
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def _wait_ready(d: Daemon, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if d.proc.poll() is not None:
+            raise RuntimeError(f"cvmfsd exited {d.proc.returncode}:\n{d.log_path.read_text()}")
+        if d.events("ready"):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"cvmfsd not ready:\n{d.log_path.read_text()}")
+
+
+def toml_config(env: Env, **overrides: Any) -> str:
+    values: dict[str, Any] = {
+        "root": str(env.tmp / "cvmfs"), "run_dir": str(env.tmp / "run"),
+        "cvmfs2": str(env.cvmfs2), "cvmfs2_config": [str(env.client_config)],
+        "log_format": "json", "mount_timeout": 20.0,
+    }
+    values.update(overrides)
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n"
+
+
+@pytest.fixture
+def start_daemon(env: Env) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(**overrides: Any) -> Daemon:
+        cfg_path = env.tmp / f"cvmfsd-{len(started)}.toml"
+        cfg_path.write_text(toml_config(env, **overrides))
+        log_path = env.tmp / f"cvmfsd-{len(started)}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "cvmfsd", "run", "-c", str(cfg_path)],
+                                    stdout=log, stderr=log, cwd=REPO_ROOT)
+        root = Path(overrides.get("root", env.tmp / "cvmfs"))
+        d = Daemon(env, root, Path(overrides.get("run_dir", env.tmp / "run")), proc, log_path)
+        started.append(d)
+        _wait_ready(d)
+        return d
+
+    yield start
+    for d in started:
+        try:
+            d.stop(timeout=60)
+        except subprocess.TimeoutExpired:
+            d.proc.kill()
+            d.proc.wait()
+        d.events()
+        for pid in d.serving_pids:  # only what this daemon reported starting
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p = psutil.Process(pid)
+                if p.create_time() > d.log_path.stat().st_ctime - 60:
+                    p.kill()
+    _umount_below(env.tmp)
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
+    return start_daemon()
+
+
+def run_py(code: str, *args: str, cwd: str | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run code in a fresh Python process: a first access must come from a process that never
+    touched the path before."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def children_of(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def zombies() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path)
+    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")]
+
+
+os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")

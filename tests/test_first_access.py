@@ -1,0 +1,111 @@
+"""The first access to /cvmfs/<repo>, by any kind of system call, succeeds on its first try."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_FILES, Daemon, run_py
+
+FIRST_ACCESS = {
+    "stat": "import os,sys; st=os.stat(sys.argv[1]+'/README'); print(st.st_size)",
+    "open_read": "import sys; print(open(sys.argv[1]+'/README').read(), end='')",
+    "listdir": "import os,sys; print(sorted(os.listdir(sys.argv[1])))",
+    "chdir_relative": "import os,sys; os.chdir(sys.argv[1]); print(open('README').read(), end='')",
+    "getxattr": "import os,sys; print(os.getxattr(sys.argv[1], 'user.fqrn').decode())",
+    "realpath": "import os,sys; print(os.path.realpath(sys.argv[1]+'/bin/hello'))",
+    "stat_root_of_repo": "import os,sys; print(os.path.isdir(sys.argv[1]))",
+}
+REPOS = ["alice.cern.ch", "atlas.cern.ch", "cms.cern.ch", "lhcb.cern.ch", "sft.cern.ch",
+         "oasis.opensciencegrid.org", "icecube.opensciencegrid.org"]
+
+
+def test_first_access_by_every_syscall(daemon: Daemon) -> None:
+    for (kind, code), repo in zip(FIRST_ACCESS.items(), REPOS, strict=True):
+        path = daemon.path(repo)
+        result = run_py(code, str(path))
+        assert result.returncode == 0, f"{kind} on {repo}: {result.stderr}"
+        out = result.stdout.strip()
+        if kind in ("open_read", "chdir_relative"):
+            assert out == DEMO_FILES["README"].strip()
+        elif kind == "stat":
+            assert int(out) == len(DEMO_FILES["README"])
+        elif kind == "listdir":
+            assert out == str(sorted(["README", "bin", "data", "etc"]))
+        elif kind == "getxattr":
+            assert out == repo
+        elif kind == "realpath":
+            assert out == f"{path}/bin/hello"  # canonical: no staging path, no symlink
+        else:
+            assert out == "True"
+    assert sorted(a["repo"] for a in daemon.mount_attempts()) == sorted(REPOS)
+    assert all(a["result"] == "mounted" for a in daemon.mount_attempts())
+
+
+def test_first_access_by_execve(daemon: Daemon) -> None:
+    prog = daemon.path("ligo.osgstorage.org") / "bin" / "hello"
+    result = subprocess.run([str(prog)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hello-from-ligo.osgstorage.org"
+
+
+def test_root_listing_shows_mounted_repositories(daemon: Daemon) -> None:
+    assert os.listdir(daemon.root) == []
+    assert (daemon.path("sft.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    assert os.listdir(daemon.root) == ["sft.cern.ch"]
+    # The name keeps its identity: same inode for the mountpoint every time.
+    assert os.stat(daemon.path("sft.cern.ch")).st_ino == os.stat(daemon.path("sft.cern.ch")).st_ino
+
+
+def test_data_is_byte_identical(daemon: Daemon) -> None:
+    blob = (daemon.path("cms.cern.ch") / "data" / "blob.bin").read_bytes()
+    assert blob == DEMO_FILES["data/blob.bin"]
+
+
+def test_root_statfs_and_readonly(daemon: Daemon) -> None:
+    st = os.statvfs(daemon.root)
+    assert st.f_bsize == 4096 and st.f_namemax == 255
+    with pytest.raises(OSError) as exc:
+        (daemon.root / "new.cern.ch").mkdir()
+    assert exc.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def test_probed_names_start_nothing(daemon: Daemon) -> None:
+    for name in (".git", "HEAD", ".svn", "lib64", ".Trash", ".Trash-0", "nodot", "autorun.inf",
+                 "libc.so.6", "x86_64"):
+        assert not os.path.exists(daemon.root / name)
+    assert daemon.env.boots() == []
+    assert daemon.mount_attempts() == []
+
+
+def test_missing_repository_is_enoent(daemon: Daemon) -> None:
+    with pytest.raises(FileNotFoundError):
+        os.stat(daemon.path("nonexistent.cern.ch") / "README")
+    attempts = daemon.mount_attempts("nonexistent.cern.ch")
+    assert [a["exit_code"] for a in attempts] == [16]
+    assert "Failed to initialize root file catalog" in attempts[0]["stderr_tail"]
+
+
+def test_policy_denies_before_starting_anything(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon(allow=["*.cern.ch"], deny=["atlas.*"])
+    assert (d.path("sft.cern.ch") / "README").exists()
+    for denied in ("atlas.cern.ch", "oasis.opensciencegrid.org"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(d.path(denied))
+    assert d.env.boots() == ["sft.cern.ch"]
+
+
+def test_second_daemon_on_same_root_refuses(daemon: Daemon, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError, match="already a mount point"):
+        start_daemon(run_dir=str(daemon.env.tmp / "run2"))
+    assert (daemon.path("alice.cern.ch") / "README").exists()
+
+
+def test_realpath_from_subdirectory_is_canonical(daemon: Daemon) -> None:
+    result = run_py("import os,sys; os.chdir(sys.argv[1]); print(os.getcwd())",
+                    str(daemon.path("atlas.cern.ch") / "bin"))
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == daemon.path("atlas.cern.ch") / "bin"
