@@ -31,6 +31,8 @@ class Children:
     def __init__(self) -> None:
         self._waiting: dict[int, _Exit] = {}
         self.orphans_reaped = 0
+        # Exit statuses of reaped orphans (the serving cvmfs2 processes), newest last, bounded.
+        self.recent: dict[int, int] = {}
 
     def spawn(self, argv: list[str], *, stdout: int, stderr: int,
               env: dict[str, str] | None = None) -> int:
@@ -84,6 +86,9 @@ class Children:
                 exit_.event.set()
             else:
                 self.orphans_reaped += 1
+                self.recent[pid] = code
+                if len(self.recent) > 256:
+                    del self.recent[next(iter(self.recent))]
                 log.debug("reaped", pid=pid, status=code)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -94,13 +99,44 @@ class Children:
                 self.reap()
 
 
-async def wait_pid_exit(pid: int) -> None:
-    """Return when pid exits, whoever its parent is (pidfd: prompt, no polling)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)
+class Tracked:
+    """A process the daemon did not spawn itself (a daemonized cvmfs2), held by a pidfd: exit is
+    noticed at once, and a signal can never hit a process that reused the pid."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self._fd = fd
+        self.exited = trio.Event()
+
+    @classmethod
+    def open(cls, pid: int) -> Tracked:
+        return cls(pid, os.pidfd_open(pid))
+
+    async def watch(self) -> None:
+        """Run as one task per process; sets `exited`."""
+        try:
+            await trio.lowlevel.wait_readable(self._fd)
+            self.exited.set()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        """For a process that never got a watch() task."""
+        os.close(self._fd)
+        self._fd = -1
+
+    def signal(self, sig: int) -> None:
+        if self._fd >= 0 and not self.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, sig)
+
+    async def stop(self, grace: float) -> None:
+        """Wait for a voluntary exit, then SIGTERM, then SIGKILL (each bounded by grace)."""
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                log.warning("stop_backend", pid=self.pid, signal=sig.name)
+                self.signal(sig)
+            with trio.move_on_after(grace):
+                await self.exited.wait()
+                return

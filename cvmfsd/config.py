@@ -47,6 +47,20 @@ class Config:
     # Seconds a handler waits for an attach before it answers (DESIGN.md §5: every wait is
     # bounded). 0 means mount_timeout + 5.
     attach_wait: float = 0.0
+    # Idle expiry like autofs: unmount a repository nobody opened anything in for this many
+    # seconds (0 = never), only with umount2(path, 0): busy (also in a pod's view) means keep.
+    expire_timeout: float = 300.0
+    # A mount younger than this is never expired: the VFS retries ESTALE only once.
+    expire_min_age: float = 10.0
+    # How often mounts are checked against mountinfo and their processes (a backstop: a dying
+    # backend is noticed at once through its pidfd).
+    reconcile_interval: float = 10.0
+    # Mounted (or booting) repositories at most; 0 = unlimited.
+    max_mounted: int = 1000
+    # A backend that dies more than restart_burst times within restart_window seconds is
+    # backed off like a failed boot instead of being healed at once.
+    restart_burst: int = 10
+    restart_window: float = 60.0
     # Concurrent FUSE requests; waiting handlers occupy one each.
     fuse_max_tasks: int = 512
     log_level: str = "info"
@@ -66,8 +80,9 @@ class Config:
 
 
 _PATHS = {"root", "run_dir", "cvmfs2"}
-_FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait"}
-_INTS = {"max_concurrent_boots", "fuse_max_tasks"}
+_FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait", "expire_timeout",
+           "expire_min_age", "reconcile_interval", "restart_window"}
+_INTS = {"max_concurrent_boots", "fuse_max_tasks", "max_mounted", "restart_burst"}
 _STR_LISTS = {"allow", "deny"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
@@ -109,6 +124,12 @@ def _validate(cfg: Config) -> Config:
         problems.append("attach_wait must be >= 0")
     if cfg.max_concurrent_boots < 1:
         problems.append("max_concurrent_boots must be >= 1")
+    if cfg.expire_timeout < 0 or cfg.expire_min_age < 0.2:
+        problems.append("expire_timeout must be >= 0 and expire_min_age >= 0.2")
+    if cfg.reconcile_interval <= 0 or cfg.restart_window <= 0:
+        problems.append("reconcile_interval and restart_window must be > 0")
+    if cfg.max_mounted < 0 or cfg.restart_burst < 1:
+        problems.append("max_mounted must be >= 0 and restart_burst >= 1")
     if cfg.fuse_max_tasks < 8:
         problems.append("fuse_max_tasks must be >= 8")
     if not 0 < cfg.backoff_initial <= cfg.backoff_max:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 
 import pyfuse3
@@ -17,6 +18,7 @@ from .config import Config
 from .fs import RootOperations
 from .mounter import Mounter
 from .registry import Registry
+from .upkeep import Upkeep
 
 log = structlog.get_logger("cvmfsd")
 
@@ -43,11 +45,52 @@ def _release_staging(cfg: Config) -> None:
         kernel.umount(cfg.staging_dir, kernel.MNT_DETACH)
 
 
+def _answers(path: str, timeout: float = 2.0) -> bool:
+    """Does a stat of path succeed in time? In a throwaway thread: a stopped daemon's root
+    would block it for good."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.stat(path)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def _clean_stale_root(cfg: Config) -> None:
+    """A previous cvmfsd that died leaves its root (ENOTCONN) and repository mounts at the root
+    path. Detach them, deepest first, and say so; refuse anything that is not ours or alive."""
+    root = str(cfg.root)
+    entries = kernel.read_mountinfo()
+    at_root = kernel.mounts_at(root, entries)
+    below = kernel.mounts_below(root, entries)
+    if not at_root and not below:
+        return
+    foreign = [e for e in at_root if e.fstype != "fuse.cvmfsd"]
+    foreign += [e for e in below if e.source != "cvmfs2"]
+    if foreign:
+        raise StartupError(f"{root} holds mounts that are not cvmfsd's: "
+                           + ", ".join(f"{e.mountpoint} ({e.fstype} {e.source})" for e in foreign))
+    if _answers(root):
+        raise StartupError(f"{root} is served by a running cvmfsd already")
+    for entry in sorted(below, key=lambda e: e.mountpoint.count("/"), reverse=True):
+        with contextlib.suppress(OSError):
+            kernel.umount(entry.mountpoint, kernel.MNT_DETACH)
+            log.warning("stale_mount_detached", mountpoint=entry.mountpoint, fstype=entry.fstype)
+    for _ in at_root:
+        kernel.umount(root, kernel.MNT_DETACH)
+        log.warning("stale_root_detached", mountpoint=root)
+
+
 def _check_root(cfg: Config) -> None:
     cfg.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-    if kernel.mounts_at(str(cfg.root)):
-        raise StartupError(f"{cfg.root} is already a mount point (another cvmfsd, or a stale "
-                           "one: unmount it first)")
+    _clean_stale_root(cfg)
 
 
 def _root_answers(cfg: Config) -> None:
@@ -79,6 +122,7 @@ async def run(cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STA
         fuse_done = trio.Event()
         try:
             await nursery.start(mounter.run)
+            await nursery.start(Upkeep(cfg, registry, mounter).run)
             pyfuse3.init(ops, str(cfg.root), set(FUSE_OPTIONS))
             await trio.to_thread.run_sync(kernel.set_propagation, cfg.root, kernel.MS_SHARED)
 

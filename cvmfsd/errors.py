@@ -62,6 +62,14 @@ class AttachFailed(MountError):
     pass
 
 
+class LimitReached(MountError):
+    errno = errno.ENOSPC
+
+
+class BackendDied(MountError):
+    """The serving process of a mounted repository exited."""
+
+
 class ShuttingDown(MountError):
     errno = errno.ENOENT
 

@@ -21,6 +21,7 @@ class Event(StrEnum):
     UNMOUNTED = "unmounted"
     UNMOUNT_REFUSED = "unmount_refused"  # busy: keep it
     DIED = "died"            # the serving process exited or the mount turned corrupted
+    CRASH_LOOP = "crash_loop"  # died too often recently: back off like a failed boot
 
 
 _TRANSITIONS: dict[tuple[State, Event], State] = {
@@ -30,9 +31,12 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.BOOTING, Event.BOOT_FAILED): State.FAILED,
     (State.MOUNTED, Event.UNMOUNT): State.UNMOUNTING,
     (State.MOUNTED, Event.DIED): State.IDLE,
+    (State.MOUNTED, Event.UNMOUNTED): State.IDLE,  # by someone else
     (State.UNMOUNTING, Event.UNMOUNTED): State.IDLE,
     (State.UNMOUNTING, Event.UNMOUNT_REFUSED): State.MOUNTED,
     (State.UNMOUNTING, Event.DIED): State.IDLE,
+    (State.MOUNTED, Event.CRASH_LOOP): State.FAILED,
+    (State.UNMOUNTING, Event.CRASH_LOOP): State.FAILED,
 }
 
 
@@ -56,3 +60,9 @@ def backoff(failures: int, initial: float, maximum: float) -> float:
 
 def may_boot(state: State, now: float, retry_at: float) -> bool:
     return state is State.IDLE or (state is State.FAILED and now >= retry_at)
+
+
+def crash_loop(deaths: list[float], now: float, window: float, burst: int) -> bool:
+    """More than `burst` backend deaths within the last `window` seconds (systemd's
+    StartLimitBurst/StartLimitIntervalSec): stop healing at once, back off instead."""
+    return sum(1 for t in deaths if now - t <= window) > burst

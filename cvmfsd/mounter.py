@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import signal
 import time
 from pathlib import Path
@@ -19,13 +18,16 @@ import structlog
 import trio
 
 from . import backend, kernel
-from .children import Children, wait_pid_exit
+from .children import Children, Tracked
 from .config import Config
-from .errors import AttachFailed, MountError, ShuttingDown
+from .errors import AttachFailed, BackendDied, LimitReached, MountError, ShuttingDown
 from .lifecycle import Event, State
 from .registry import Registry, Repo
 
 log = structlog.get_logger("cvmfsd.mounter")
+
+# Seconds a backend gets to exit by itself after its unmount, then again after SIGTERM.
+STOP_GRACE = 5.0
 
 
 class Mounter:
@@ -55,6 +57,12 @@ class Mounter:
         if not self.registry.may_boot(repo, trio.current_time()):
             assert repo.last_error is not None
             raise repo.last_error
+        if self.cfg.max_mounted and self.registry.active() >= self.cfg.max_mounted:
+            error = LimitReached(f"{self.cfg.max_mounted} repositories are mounted already "
+                                 "(max_mounted)")
+            repo.last_error, repo.last_error_at = error, time.time()
+            log.warning("mount", repo=repo.name, result="refused", error=error.message)
+            raise error
         assert self._nursery is not None
         self.registry.begin_boot(repo)
         self._nursery.start_soon(self._mount, repo, name=f"mount {repo.name}")
@@ -80,7 +88,7 @@ class Mounter:
     async def _mount(self, repo: Repo) -> None:
         staging = self.cfg.staging_dir / repo.name
         started = trio.current_time()
-        pid: int | None = None
+        process: Tracked | None = None
         error: MountError | None = None
         with trio.CancelScope() as scope:
             self._boots.add(scope)
@@ -88,7 +96,7 @@ class Mounter:
                 async with self._limit(repo):
                     await trio.to_thread.run_sync(_make_dir, staging)
                     await backend.boot(self.cfg, self.children, repo.name, staging)
-                    pid = await trio.to_thread.run_sync(self._attach, repo.name, staging)
+                    process = await trio.to_thread.run_sync(self._attach, repo.name, staging)
             except MountError as exc:
                 error = exc
             except Exception as exc:  # a bug, not a repository problem: fail this mount visibly
@@ -98,7 +106,7 @@ class Mounter:
                 self._boots.discard(scope)
                 if not self._boots:
                     self._boots_idle.set()
-        if scope.cancelled_caught or (error is None and pid is None):
+        if scope.cancelled_caught or (error is None and process is None):
             error = ShuttingDown()
         if error is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -106,28 +114,32 @@ class Mounter:
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
             self._log_attempt(repo, started, None, error)
             return
-        assert pid is not None
-        self.registry.booted(repo, pid, trio.current_time(), time.time())
-        self._log_attempt(repo, started, pid, None)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._watch, repo, pid, name=f"watch {repo.name}")
+        assert process is not None and self._nursery is not None
+        self._nursery.start_soon(process.watch, name=f"pidfd {process.pid}")
+        self.registry.booted(repo, process, trio.current_time(), time.time())
+        self._log_attempt(repo, started, process.pid, None)
+        self._nursery.start_soon(self._watch, repo, process, name=f"watch {repo.name}")
 
-    def _attach(self, name: str, staging: Path) -> int:
-        """Worker thread: check what booted, then move it into place. Returns the serving pid."""
+    def _attach(self, name: str, staging: Path) -> Tracked:
+        """Worker thread: check what booted, then move it into place."""
         self.registry.enter_own_thread()
         try:
             fqrn = backend.mounted_fqrn(staging)
             if fqrn != name:
                 raise AttachFailed(f"cvmfs2 mounted {fqrn!r} for {name!r}")
-            pid = backend.serving_pid(staging)
-            kernel.move_mount(staging, self.cfg.root / name)
+            process = Tracked.open(backend.serving_pid(staging))
+            try:
+                kernel.move_mount(staging, self.cfg.root / name)
+            except OSError:
+                process.close()
+                raise
         except OSError as exc:
             raise AttachFailed(f"attach of {name} failed: {exc}") from exc
         finally:
             self.registry.leave_own_thread()
         with contextlib.suppress(OSError):
             staging.rmdir()
-        return pid
+        return process
 
     def _log_attempt(self, repo: Repo, started: float, pid: int | None,
                      error: MountError | None) -> None:
@@ -142,16 +154,29 @@ class Mounter:
                         **fields)
 
     # --- after the boot ---------------------------------------------------------------------
-    async def _watch(self, repo: Repo, pid: int) -> None:
+    async def _watch(self, repo: Repo, process: Tracked) -> None:
         """Heal: when the serving process exits while mounted, detach the dead mount so that the
         next access boots it again instead of failing with ENOTCONN forever."""
-        await wait_pid_exit(pid)
-        if repo.serving_pid != pid or repo.state is not State.MOUNTED:
-            return  # an unmount we asked for
-        log.warning("backend_died", repo=repo.name, serving_pid=pid)
+        await process.exited.wait()
+        await trio.sleep(0.01)  # the reaper usually has the exit status by now
+        if repo.process is process and repo.state is State.MOUNTED:
+            status = _exit_text(self.children.recent.get(process.pid))
+            await self.heal(repo, f"serving process {process.pid} {status}")
+
+    async def heal(self, repo: Repo, why: str) -> None:
+        """Detach a dead mount; the next access mounts the repository again."""
+        process = repo.process
+        lived = trio.current_time() - (repo.mounted_at or trio.current_time())
         await trio.to_thread.run_sync(self._detach, repo.name)
-        if repo.serving_pid == pid and repo.state is State.MOUNTED:
-            self.registry.gone(repo, Event.DIED)
+        if repo.state is not State.MOUNTED or repo.process is not process:
+            return
+        self.registry.died(repo, BackendDied(f"{why} after {lived:.1f} s"), trio.current_time(),
+                           time.time(), self.cfg.restart_window, self.cfg.restart_burst)
+        log.warning("healed", repo=repo.name, reason=why, mounted_for_s=round(lived, 2),
+                    state=str(repo.state))
+        if process is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(process.stop, STOP_GRACE)
 
     def _detach(self, name: str) -> None:
         self.registry.enter_own_thread()
@@ -160,6 +185,30 @@ class Mounter:
                 kernel.umount(self.cfg.root / name, kernel.MNT_DETACH)
         finally:
             self.registry.leave_own_thread()
+
+    async def unmount(self, repo: Repo, *, reason: str, lazy: bool = False) -> bool:
+        """umount2(path, 0): False when the repository is busy (an open file, a cwd, a busy
+        slave copy in a pod) and lazy is not set. The backend exits by itself afterwards."""
+        if repo.state is not State.MOUNTED:
+            return False
+        process = repo.process
+        self.registry.begin_unmount(repo)
+        try:
+            done = await trio.to_thread.run_sync(self._umount, repo.name, lazy)
+        except OSError as exc:
+            log.error("umount_failed", repo=repo.name, error=str(exc))
+            done = False
+        if not done:
+            self.registry.unmount_refused(repo)
+            return False
+        if repo.state is State.UNMOUNTING:
+            self.registry.gone(repo, Event.UNMOUNTED)
+        log.info("unmounted", repo=repo.name, reason=reason,
+                 serving_pid=process and process.pid)
+        if process is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(process.stop, STOP_GRACE)
+        return True
 
     def _umount(self, name: str, lazy_if_busy: bool) -> bool:
         """Worker thread: unmount <root>/<name>. False when busy and not lazy."""
@@ -172,12 +221,12 @@ class Mounter:
                     return False
                 raise
             kernel.umount(self.cfg.root / name, kernel.MNT_DETACH)
-            log.warning("umount_lazy", repo=name, reason="busy at shutdown")
+            log.warning("umount_lazy", repo=name, reason="busy; detached lazily")
         finally:
             self.registry.leave_own_thread()
         return True
 
-    async def shutdown(self, grace: float = 5.0) -> None:
+    async def shutdown(self) -> None:
         """Unmount every repository (busy ones lazily), and see every serving process exit."""
         self.closing = True
         # Boots in progress are cancelled; each kills its cvmfs2 and cleans its staging path.
@@ -187,37 +236,23 @@ class Mounter:
             while self._boots:
                 self._boots_idle = trio.Event()
                 await self._boots_idle.wait()
-        pids: list[int] = []
+        processes = [r.process for r in self.registry.mounted() if r.process]
         for repo in self.registry.mounted():
-            repo.fire(Event.UNMOUNT)
-            try:
-                await trio.to_thread.run_sync(self._umount, repo.name, True)
-            except OSError as exc:
-                log.error("umount_failed", repo=repo.name, error=str(exc))
-            if repo.serving_pid:
-                pids.append(repo.serving_pid)
-            self.registry.gone(repo, Event.UNMOUNTED)
-        await _await_exit(pids, grace)
+            await self.unmount(repo, reason="shutdown", lazy=True)
+        # unmount() started a stop (wait, SIGTERM, SIGKILL) for each backend; see them exit.
+        with trio.move_on_after(3 * STOP_GRACE + 1):
+            for process in processes:
+                await process.exited.wait()
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
 
-async def _await_exit(pids: list[int], grace: float) -> None:
-    """cvmfs2 exits by itself once unmounted; a lazily detached busy mount keeps it serving, so
-    after the grace period it gets SIGTERM, then SIGKILL."""
-    async def one(pid: int) -> None:
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                log.warning("stop_backend", pid=pid, signal=sig.name)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            with trio.move_on_after(grace):
-                await wait_pid_exit(pid)
-                return
-
-    async with trio.open_nursery() as nursery:
-        for pid in pids:
-            nursery.start_soon(one, pid)
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exited"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exited with status {code}"
 
 
 def _make_dir(path: Path) -> None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .children import Tracked
 from .errors import MountError
-from .lifecycle import Event, State, backoff, may_boot, next_state
+from .lifecycle import Event, State, backoff, crash_loop, may_boot, next_state
 
 ROOT_INODE = 1
 
@@ -30,9 +31,18 @@ class Repo:
     last_error_at: float | None = None
     mounted_since: float | None = None  # wall clock, for status
     mounted_at: float | None = None     # monotonic, for minimum age checks
-    serving_pid: int | None = None
+    process: Tracked | None = None
+    deaths: list[float] = field(default_factory=list)  # monotonic times the backend died
+    # Idle tracking for expiry: the backend's open counter (xattr user.nopen) and since when
+    # it has not changed.
+    nopen: int | None = None
+    idle_since: float | None = None
     # Set when the current boot settles (mounted or failed); replaced for each boot.
     settled: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def serving_pid(self) -> int | None:
+        return self.process.pid if self.process else None
 
     def fire(self, event: Event) -> None:
         self.state = next_state(self.state, event)
@@ -77,10 +87,10 @@ class Registry:
         repo.boots += 1
         repo.settled = trio.Event()
 
-    def booted(self, repo: Repo, pid: int, monotonic: float, wall: float) -> None:
+    def booted(self, repo: Repo, process: Tracked, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOTED)
         repo.failures = 0
-        repo.serving_pid = pid
+        repo.process = process
         repo.mounted_at, repo.mounted_since = monotonic, wall
         repo.settled.set()
 
@@ -94,8 +104,35 @@ class Registry:
     def gone(self, repo: Repo, event: Event) -> None:
         """The mount is no longer attached (unmounted or died)."""
         repo.fire(event)
-        repo.serving_pid = None
+        repo.process = None
         repo.mounted_at = repo.mounted_since = None
+        repo.nopen = repo.idle_since = None
+        repo.settled.set()
+
+    def begin_unmount(self, repo: Repo) -> None:
+        repo.fire(Event.UNMOUNT)
+        repo.settled = trio.Event()
+
+    def unmount_refused(self, repo: Repo) -> None:
+        repo.fire(Event.UNMOUNT_REFUSED)
+        repo.settled.set()
+
+    def died(self, repo: Repo, error: MountError, monotonic: float, wall: float,
+             window: float, burst: int) -> None:
+        """The backend of a mounted repository died and its mount was detached."""
+        repo.deaths = [t for t in repo.deaths if monotonic - t <= window] + [monotonic]
+        repo.last_error, repo.last_error_at = error, wall
+        if crash_loop(repo.deaths, monotonic, window, burst):
+            self.gone(repo, Event.CRASH_LOOP)
+            repo.failures += 1
+            repo.retry_at = monotonic + backoff(repo.failures, *self._backoff)
+        else:
+            self.gone(repo, Event.DIED)
+
+    def active(self) -> int:
+        """Repositories that hold (or are about to hold) a mount."""
+        return sum(1 for r in self._by_name.values() if r.state in (
+            State.BOOTING, State.MOUNTED, State.UNMOUNTING))
 
     # --- own mount-worker threads -----------------------------------------------------------
     def is_own_thread(self, tid: int) -> bool:

@@ -99,7 +99,7 @@ def test_policy_denies_before_starting_anything(start_daemon) -> None:  # type: 
 
 
 def test_second_daemon_on_same_root_refuses(daemon: Daemon, start_daemon) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(RuntimeError, match="already a mount point"):
+    with pytest.raises(RuntimeError, match="served by a running cvmfsd"):
         start_daemon(run_dir=str(daemon.env.tmp / "run2"))
     assert (daemon.path("alice.cern.ch") / "README").exists()
 
