@@ -183,6 +183,7 @@ def start_daemon(env: Env) -> Iterator[Callable[..., Daemon]]:
             d.proc.kill()
             d.proc.wait()
         d.events()
+        reap(d.serving_pids)
         for pid in d.serving_pids:  # only what this daemon reported starting
             with contextlib.suppress(psutil.NoSuchProcess):
                 p = psutil.Process(pid)
@@ -202,6 +203,27 @@ def run_py(code: str, *args: str, cwd: str | None = None,
     touched the path before."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
+
+
+def soak_size(ci: int, full: int) -> int:
+    """Long soaks run a smaller size by default; CVMFSD_SOAK_FULL=1 runs the full size."""
+    return full if os.environ.get("CVMFSD_SOAK_FULL") == "1" else ci
+
+
+def reap(pids: set[int] | list[int]) -> None:
+    """Collect orphans that were reparented to this (subreaper) test process."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subreaper() -> None:
+    """Backends orphaned by a killed daemon come to this process, not to pid 1, so the tests
+    can reap them (pid 1 of a container may never do it)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
 
 
 def children_of(pid: int) -> list[psutil.Process]:
