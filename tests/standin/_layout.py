@@ -98,11 +98,11 @@ def parse_iso(value: str) -> dt.datetime | None:
         parsed = dt.datetime.strptime(value.strip(), "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:
         return None
-    return parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.replace(tzinfo=dt.UTC)
 
 
 def format_iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def read_tags(repo_dir: Path) -> list[Tag] | None:

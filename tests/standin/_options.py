@@ -9,6 +9,7 @@ shell afterwards.  Later files win.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -106,9 +107,12 @@ class Options:
                 release()
         if content is None:
             config_dir = os.path.dirname(path)
-            if external and not os.path.isdir(config_dir):
-                if self.is_on("CVMFS_CONFIG_REPO_REQUIRED"):
-                    raise ConfigRepoRequiredError(config_dir) from None
+            if (
+                external
+                and not os.path.isdir(config_dir)
+                and self.is_on("CVMFS_CONFIG_REPO_REQUIRED")
+            ):
+                raise ConfigRepoRequiredError(config_dir) from None
             return
         if self.simple:
             self._parse_simple(content, path)
@@ -199,10 +203,8 @@ def _hold_from_own_session(path: str) -> Callable[[], None]:
             os.close(quit_w)
             if os.getpgrp() != os.getpid():
                 os.setsid()
-            try:
+            with contextlib.suppress(OSError):
                 os.open(path, os.O_RDONLY)
-            except OSError:
-                pass
             os.write(ready_w, b"R")
             os.read(quit_r, 1)
         finally:

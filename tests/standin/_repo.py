@@ -135,9 +135,7 @@ class Repository:
         repo_dir, manifest = self.fetch_manifest()
         self._check_tree(repo_dir, manifest.revision)
         fixed = options.is_off("CVMFS_AUTO_UPDATE")
-        return Selection(
-            repo_dir, manifest.revision, manifest.root_hash, manifest.ttl, "", fixed
-        )
+        return Selection(repo_dir, manifest.revision, manifest.root_hash, manifest.ttl, "", fixed)
 
     def _root_hash(self, repo_dir: Path, rev: int) -> str:
         return layout.revision_root_hash(repo_dir, self.fqrn, rev)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -10,14 +11,14 @@ import signal
 import socket
 import stat
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _layout as layout
 import pyfuse3
 import trio
-
-import _layout as layout
 from _options import Options, string_to_uint
 from _repo import CatalogError, Repository, Selection
 
@@ -178,14 +179,10 @@ class Server:
 
         def work() -> None:
             for name in names:
-                try:
+                with contextlib.suppress(OSError):
                     pyfuse3.invalidate_entry(pyfuse3.ROOT_INODE, name)
-                except OSError:
-                    pass
-            try:
+            with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)
-            except OSError:
-                pass
 
         # notify_inval_entry blocks on the kernel's directory lock, which a
         # request we serve may hold: never call it on the trio thread.
@@ -696,8 +693,10 @@ async def talk_reply(srv: Server, line: str) -> str:
     if line == "timeout info":
         proxy, direct = srv.timeouts()
         return (
-            "Timeout with proxy: " + (f"{proxy}s\n" if proxy else "no timeout\n")
-            + "Timeout without proxy: " + (f"{direct}s\n" if direct else "no timeout\n")
+            "Timeout with proxy: "
+            + (f"{proxy}s\n" if proxy else "no timeout\n")
+            + "Timeout without proxy: "
+            + (f"{direct}s\n" if direct else "no timeout\n")
         )
     if line == "parameters":
         return cfg.options.dump()
@@ -712,11 +711,16 @@ async def _talk_connection(srv: Server, conn: trio.socket.SocketType) -> None:
                 return
             if data.endswith(b"\0"):
                 data = data[:-1]
-            reply = await talk_reply(srv, data.decode("utf-8", "replace"))
-            await conn.sendall(reply.encode())
+            reply = (await talk_reply(srv, data.decode("utf-8", "replace"))).encode()
+            while reply:
+                sent = await conn.send(reply)
+                reply = reply[sent:]
             conn.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        except Exception:
+            # A broken reply must not take the mount down; visible with -f.
+            traceback.print_exc()
 
 
 async def talk_server(srv: Server) -> None:
@@ -764,8 +768,6 @@ def serve(srv: Server) -> int:
         # libfuse does (lazily, and not at all if already gone).
         pyfuse3.close(unmount=not srv.cfg.premounted)
         for path in (srv.cfg.talk_path, srv.cfg.loader_path, srv.cfg.running_path):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
     return 0

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 # The helper modules live next to this script; nothing from the project.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _options import (  # noqa: E402
+import contextlib
+
+from _options import (
     ConfigRepoRequiredError,
     Options,
     canonical_path,
@@ -196,7 +198,7 @@ def _apply_option(cmd: CmdLine, opt: str) -> bool:
 
 def parse_cmdline(argv: list[str]) -> CmdLine | int:
     """The command line, or an exit status when parsing ends the program."""
-    cmd = CmdLine(exe=argv[0] if argv else "cvmfs2")
+    cmd = CmdLine(exe="cvmfs2")
     positionals: list[str] = []
     ok = True
     args = iter(argv[1:])
@@ -273,7 +275,7 @@ def make_socket(path: str, mode: int) -> socket.socket:
 
 
 def set_nofile(limit: int) -> bool:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < limit:
         hard = limit
     try:
@@ -313,10 +315,8 @@ def daemonize(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 # -- boot --------------------------------------------------------------------------
@@ -463,10 +463,8 @@ def boot(cmd: CmdLine, opts: Options) -> Booted:
         # Credentials are not really switched (see README); what the dropped
         # user would have created is handed to it.
         for path in (workspace, f"{workspace}/lock.{cmd.fqrn}", running_path, talk_path):
-            try:
+            with contextlib.suppress(OSError):
                 os.chown(path, cmd.uid, cmd.gid)
-            except OSError:
-                pass
 
     return Booted(
         workspace=workspace,
@@ -612,7 +610,8 @@ def main(argv: list[str]) -> int:
         boot_time=boot_time,
         crash_after=string_to_uint(crash_after) if crash_after else None,
         kcache_timeout=(
-            float(max(0, int(kcache))) if kcache and kcache.lstrip("-").isdigit()
+            float(max(0, int(kcache)))
+            if kcache and kcache.lstrip("-").isdigit()
             else _serve.DEFAULT_KCACHE_TIMEOUT
         ),
         max_ttl=string_to_uint(opts.get("CVMFS_MAX_TTL")) * 60,
