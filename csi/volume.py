@@ -1,0 +1,125 @@
+"""What a volume of this driver is, and the argument checks shared by the node and controller
+services.
+
+There is one kind of volume: the daemon's whole root (every repository), or, when the volume context
+names a `repository`, that one repository below the root (for per-repository storage classes).
+Volumes are always read-only filesystem (mount) volumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+
+from csi.proto import csi_pb2
+from csi.rpc import invalid
+
+AccessMode = csi_pb2.VolumeCapability.AccessMode
+
+REPOSITORY_KEY = "repository"
+K8S_PREFIX = "csi.storage.k8s.io/"
+EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
+# volume_context keys whose values must never be logged (kubelet passes service account tokens here
+# when the CSIDriver object asks for them)
+SECRET_CONTEXT_KEYS = frozenset({"csi.storage.k8s.io/serviceAccount.tokens"})
+
+READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
+# Flags a CO may ask for: read-only, nosuid and nodev are always applied; noexec is applied on
+# request.
+ALLOWED_MOUNT_FLAGS = frozenset({"ro", "nosuid", "nodev", "noexec"})
+MAX_ID_BYTES = 1024  # volume ids from static PVs are free text; bound them anyway
+MAX_NAME_BYTES = 128  # the CSI spec's size limit for string fields
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_REPOSITORY_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+$")
+# control characters the CSI spec bans from names
+_BANNED_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_VOLUME_ID_RE = re.compile(r"^cvmfs-[0-9a-f]{32}$")
+
+
+def mode_name(mode: int) -> str:
+    try:
+        return AccessMode.Mode.Name(mode)
+    except ValueError:
+        return f"access mode {mode}"
+
+
+def check_volume_id(volume_id: str) -> None:
+    if not volume_id:
+        raise invalid("volume_id is required")
+    if len(volume_id.encode()) > MAX_ID_BYTES:
+        raise invalid(f"volume_id is longer than {MAX_ID_BYTES} bytes")
+    if _CONTROL_RE.search(volume_id):
+        raise invalid("volume_id contains control characters")
+
+
+def capability_problem(
+    cap: csi_pb2.VolumeCapability, *, ephemeral_writer_ok: bool = False
+) -> str | None:
+    """Why this capability cannot be served, or None when it can.
+
+    Only read-only access modes are served. The one exception is `ephemeral_writer_ok`: kubelet
+    always
+    sends SINGLE_NODE_WRITER for CSI ephemeral inline volumes, so for those the caller accepts that
+    mode when the request is read-only (the mount is read-only either way).
+    """
+    kind = cap.WhichOneof("access_type")
+    if kind == "block":
+        return "block volumes are not supported: this driver serves a read-only filesystem"
+    if kind != "mount":
+        return "volume_capability.mount is required (access_type is not set)"
+    if not cap.HasField("access_mode"):
+        return "volume_capability.access_mode is required"
+    mode = cap.access_mode.mode
+    if mode not in READ_ONLY_MODES and not (
+        ephemeral_writer_ok and mode == AccessMode.SINGLE_NODE_WRITER
+    ):
+        return (
+            f"{mode_name(mode)} is not supported: CernVM-FS is read-only "
+            "(use SINGLE_NODE_READER_ONLY or MULTI_NODE_READER_ONLY, i.e. ReadOnlyMany)"
+        )
+    for flag in cap.mount.mount_flags:
+        if flag not in ALLOWED_MOUNT_FLAGS:
+            return f"mount flag {flag!r} is not supported (allowed: {sorted(ALLOWED_MOUNT_FLAGS)})"
+    return None
+
+
+def check_repository(name: str) -> str:
+    if not _REPOSITORY_RE.match(name):
+        raise invalid(f"repository {name!r} is not a valid repository name (e.g. atlas.cern.ch)")
+    return name
+
+
+def repository_from(context: Mapping[str, str], what: str) -> str | None:
+    """The repository named by a volume context (or StorageClass parameters), None for the whole
+    root.
+
+    Known keys: `repository`, and anything under `csi.storage.k8s.io/` (pod information and
+    provisioner metadata that Kubernetes adds). Anything else is a mistake we report.
+    """
+    unknown = sorted(k for k in context if k != REPOSITORY_KEY and not k.startswith(K8S_PREFIX))
+    if unknown:
+        raise invalid(f"unknown {what} keys {unknown}: only {REPOSITORY_KEY!r} is understood")
+    if REPOSITORY_KEY not in context:
+        return None
+    return check_repository(context[REPOSITORY_KEY])
+
+
+def check_name(name: str) -> None:
+    if not name:
+        raise invalid("name is required")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise invalid(f"name is longer than {MAX_NAME_BYTES} bytes")
+    if _BANNED_RE.search(name):
+        raise invalid("name contains control characters")
+
+
+def volume_id_for(name: str) -> str:
+    """The id CreateVolume gives a volume: a function of the requested name alone (stateless)."""
+    return "cvmfs-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def is_controller_volume_id(volume_id: str) -> bool:
+    return bool(_VOLUME_ID_RE.match(volume_id))
