@@ -48,11 +48,11 @@ def test_argv_is_exactly_the_contract() -> None:
 
 def test_injections_through_the_root_start_nothing(daemon: Daemon) -> None:
     for name in INJECTIONS:
-        if "\x00" in name or "/" in name:
-            continue  # cannot be one path component
+        if "\x00" in name or "/" in name or name == "..":
+            continue  # cannot be one path component below the root
         with pytest.raises(OSError) as exc:
             os.stat(daemon.root / name)
-        assert exc.value.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.EINVAL)
+        assert exc.value.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.EINVAL), name
     assert daemon.env.boots() == []
 
 
