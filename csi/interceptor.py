@@ -27,6 +27,13 @@ def _is_secret(field: Any) -> bool:
     return bool(field.GetOptions().Extensions[csi_pb2.csi_secret])
 
 
+def _is_repeated(field: Any) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; `label` is gone in 7
+    if repeated is not None:
+        return bool(repeated)
+    return bool(field.label == field.LABEL_REPEATED)
+
+
 def _strip(msg: Message) -> None:
     for field, value in msg.ListFields():
         if _is_secret(field):
@@ -38,7 +45,7 @@ def _strip(msg: Message) -> None:
             for key in SECRET_CONTEXT_KEYS & set(value):
                 value[key] = STRIPPED
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            if field.label == field.LABEL_REPEATED:
+            if _is_repeated(field):
                 for item in value:
                     _strip(item)
             else:
@@ -47,10 +54,13 @@ def _strip(msg: Message) -> None:
 
 def redact(msg: Message) -> dict[str, Any]:
     """The request as a dict, safe to log."""
-    copy = type(msg)()
-    copy.CopyFrom(msg)
-    _strip(copy)
-    return json_format.MessageToDict(copy, preserving_proto_field_name=True)
+    try:
+        copy = type(msg)()
+        copy.CopyFrom(msg)
+        _strip(copy)
+        return json_format.MessageToDict(copy, preserving_proto_field_name=True)
+    except Exception as e:  # logging must never fail a call (and never leak what it cannot strip)
+        return {"unloggable": type(e).__name__}
 
 
 class LoggingInterceptor(grpc.ServerInterceptor):

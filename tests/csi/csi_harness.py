@@ -1,0 +1,325 @@
+"""Test harness for the CSI plugin: the plugin as a real process on a unix socket, a stand-in for
+the daemon's root, a fake kubelet directory, and pods (processes in their own mount namespace).
+
+Every process is stopped by its pid; every mount made here is unmounted by `unmount_tree`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from csi import mounts
+from csi.proto import csi_pb2, csi_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+REPOS = ("alpha.example.org", "beta.example.org", "gamma.example.org", "delta.example.org")
+AccessMode = csi_pb2.VolumeCapability.AccessMode
+
+
+def env_with_repo() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def stop_pid(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Stop one process we started, by its pid."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+def mounts_at_or_under(path: Path | str) -> list[mounts.MountEntry]:
+    p = str(path)
+    return [
+        e
+        for e in mounts.MountTable.read().entries
+        if e.mount_point == p or mounts.is_under(e.mount_point, p)
+    ]
+
+
+def unmount_tree(path: Path | str) -> None:
+    """Unmount everything at or below path, deepest first; detach what is busy."""
+    for _ in range(10):
+        found = mounts_at_or_under(path)
+        if not found:
+            return
+        for entry in sorted(found, key=lambda e: e.mount_point.count("/"), reverse=True):
+            try:
+                mounts.umount(entry.mount_point, mounts.UMOUNT_NOFOLLOW)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    mounts.umount(entry.mount_point, mounts.MNT_DETACH | mounts.UMOUNT_NOFOLLOW)
+    if mounts_at_or_under(path):
+        raise RuntimeError(f"mounts left under {path}: {mounts_at_or_under(path)}")
+
+
+class LineReader:
+    """Read lines from a child's stdout with a timeout (select on the raw fd)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.fd = stream.fileno()
+        self.buf = b""
+
+    def readline(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError("no line from child process")
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise EOFError("child process closed its output")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+
+class StandinRoot:
+    """STAND-IN for the cvmfsd root (tests/csi/fakeroot_fs.py); see the `cvmfs_root` fixture.
+
+    The same interface could be given by the real daemon: `path`, `repos`, `lookup(name)` (a lookup
+    from the host that makes the repository appear), `kill()` (the daemon dies: ENOTCONN), `pause()`
+    and `resume()` (the daemon hangs), `close()`.
+    """
+
+    def __init__(self, tmp: Path, repos: tuple[str, ...] = REPOS) -> None:
+        self.tmp = tmp
+        self.path = tmp / "cvmfs"
+        self.staging = tmp / "staging"
+        self.repos = repos
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / "fakeroot.log"
+
+    def start(self) -> StandinRoot:
+        self.path.mkdir(exist_ok=True)
+        self.staging.mkdir(exist_ok=True)
+        # repositories are prepared on a private staging mount, then moved into the shared root
+        mounts.mount("tmpfs", str(self.staging), "tmpfs", 0, "size=1m,mode=700")
+        mounts.mount(None, str(self.staging), None, mounts.MS_PRIVATE)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PY, str(HERE / "fakeroot_fs.py"), str(self.path), str(self.staging), *self.repos],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env_with_repo(),
+            )
+        assert self.proc.stdout is not None
+        line = LineReader(self.proc.stdout).readline(20)
+        assert line == "ready", line
+        mounts.mount(None, str(self.path), None, mounts.MS_SHARED)  # as the daemon does
+        return self
+
+    def lookup(self, name: str, timeout: float = 5.0) -> None:
+        """Look a repository up from the host and wait until its mount is attached."""
+        os.stat(self.path / name)
+        self.wait_attached(name, timeout)
+
+    def wait_attached(self, name: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while mounts.MountTable.read().top(str(self.path / name)) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not attached")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        stop_pid(self.proc, signal.SIGKILL)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+        for entry in sorted(
+            mounts.MountTable.read().under(str(self.path)),
+            key=lambda e: e.mount_point,
+            reverse=True,
+        ):
+            with contextlib.suppress(OSError):
+                mounts.umount(entry.mount_point, mounts.MNT_DETACH)
+        if self.proc is not None:
+            stop_pid(self.proc)
+        unmount_tree(self.path)
+        unmount_tree(self.staging)
+
+
+class Plugin:
+    """The CSI plugin as a real subprocess (python -m csi.main) on a unix socket."""
+
+    def __init__(self, tmp: Path, kubelet_dir: Path, cvmfs_root: Path, *args: str) -> None:
+        self.dir = tmp / f"plugin-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir()
+        self.socket = self.dir / "csi.sock"
+        self.endpoint = f"unix://{self.socket}"
+        self.log = self.dir / "plugin.log"
+        self.argv = [
+            PY,
+            "-m",
+            "csi.main",
+            f"--endpoint={self.endpoint}",
+            f"--kubelet-dir={kubelet_dir}",
+            f"--cvmfs-root={cvmfs_root}",
+            "--node-id=node-1",
+            "--probe-timeout=1",
+            "--repository-timeout=5",
+            *args,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+
+    def start(self) -> Plugin:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, cwd=REPO_ROOT, env=env_with_repo()
+            )
+        self.channel = grpc.insecure_channel(self.endpoint)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=20)
+        except grpc.FutureTimeoutError:
+            self.stop()
+            raise RuntimeError(f"plugin did not start:\n{self.log.read_text()}") from None
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        return self
+
+    def stop(self) -> int | None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is None:
+            return None
+        stop_pid(self.proc)
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+class Pod:
+    """A process in its own mount namespace holding a slave copy of a published target at `view`."""
+
+    def __init__(self, target: Path, view: Path) -> None:
+        view.mkdir(parents=True, exist_ok=True)
+        self.view = view
+        self.proc = subprocess.Popen(
+            [PY, str(HERE / "csi_pod.py"), str(target), str(view)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env_with_repo(),
+        )
+        assert self.proc.stdout is not None
+        self.reader = LineReader(self.proc.stdout)
+        hello = json.loads(self.reader.readline(20))
+        assert hello.get("ready"), hello
+
+    def call(self, op: str, timeout: float = 15, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+        self.proc.stdin.flush()
+        result: dict[str, Any] = json.loads(self.reader.readline(timeout))
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b'{"op": "exit"}\n')
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                stop_pid(self.proc, signal.SIGKILL)
+
+
+def make_target(kubelet_dir: Path, pv: str = "pv-1", pod_uid: str | None = None) -> Path:
+    """A kubelet-style target path; its parent exists (kubelet makes it), the target does not."""
+    uid = pod_uid or str(uuid.uuid4())
+    parent = kubelet_dir / "pods" / uid / "volumes" / "kubernetes.io~csi" / pv
+    parent.mkdir(parents=True)
+    return parent / "mount"
+
+
+def capability(
+    mode: int = AccessMode.MULTI_NODE_READER_ONLY, flags: tuple[str, ...] = (), block: bool = False
+) -> csi_pb2.VolumeCapability:
+    cap = csi_pb2.VolumeCapability(access_mode=AccessMode(mode=mode))
+    if block:
+        cap.block.SetInParent()
+    else:
+        cap.mount.SetInParent()
+        cap.mount.mount_flags.extend(flags)
+    return cap
+
+
+def publish_request(
+    target: Path | str,
+    volume_id: str = "cvmfs-default",
+    *,
+    repository: str | None = None,
+    mode: int = AccessMode.MULTI_NODE_READER_ONLY,
+    readonly: bool = True,
+    context: dict[str, str] | None = None,
+) -> csi_pb2.NodePublishVolumeRequest:
+    ctx = dict(context or {})
+    if repository:
+        ctx["repository"] = repository
+    return csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume_id,
+        target_path=str(target),
+        volume_capability=capability(mode),
+        readonly=readonly,
+        volume_context=ctx,
+    )
+
+
+def unpublish_request(
+    target: Path | str, volume_id: str = "cvmfs-default"
+) -> csi_pb2.NodeUnpublishVolumeRequest:
+    return csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+
+
+def code_of(call: Any, request: Any, timeout: float = 30) -> grpc.StatusCode:
+    """Status code of a unary call (OK when it succeeds)."""
+    try:
+        call(request, timeout=timeout)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
