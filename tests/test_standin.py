@@ -336,6 +336,19 @@ def test_boot_failures(rig: Rig) -> None:
     assert not mounted(mp)
 
 
+def test_knobs_count_even_when_sourced(rig: Rig) -> None:
+    # Real parameters are only those on a fragment's own lines; the stand-in's knobs also
+    # count when set indirectly, so that per-repository knob files can be sourced.
+    knobs = write_config(rig.base / "knobs.conf", CVMFS_STANDIN_FAIL=4, CVMFS_QUOTA_LIMIT=7)
+    cfg = rig.config("sourcing.conf")
+    with open(cfg, "a") as f:
+        f.write(f'if [ -f "{knobs}" ]; then . "{knobs}"; fi\n')
+    res = rig.launch("-o", f"config={cfg},parse", FQRN, "/nonexistent")
+    assert f"CVMFS_STANDIN_FAIL=4    # from {cfg}" in res.stdout.splitlines()
+    assert "CVMFS_QUOTA_LIMIT" not in res.stdout
+    assert rig.launch("-o", rig.options(cfg), FQRN, str(rig.mountpoint())).rc == 4
+
+
 def test_boot_delay_and_hang(rig: Rig) -> None:
     mp = rig.mountpoint()
     started = time.monotonic()
@@ -496,10 +509,13 @@ def test_remount_applies_a_new_revision(rig: Rig) -> None:
     mp = m.mountpoint
     assert (mp / "README").read_text() == FILES["README"]
     with open(mp / "README") as still_open:
-        make_repo(rig.server, FQRN, {"README": "revision 2\n", "new": "new\n"}, revision=2)
+        assert (mp / "data" / "blob.bin").stat().st_size == len(FILES["data/blob.bin"])
+        rev2 = {"README": "revision 2\n", "new": "new\n", "data/blob.bin": b"2"}
+        make_repo(rig.server, FQRN, rev2, revision=2)
         assert talk(rig.talk_path(), "remount sync") == "New revision applied\n"
         assert (mp / "README").read_text() == "revision 2\n"
-        assert sorted(os.listdir(mp)) == ["README", "new"]
+        assert (mp / "data" / "blob.bin").read_bytes() == b"2"
+        assert sorted(os.listdir(mp)) == ["README", "data", "new"]
         assert os.getxattr(mp, "user.revision") == b"2"
         assert os.getxattr(mp, "user.root_hash").decode() == root_hash(rig.server, FQRN, 2)
         assert talk(rig.talk_path(), "revision") == "2\n"

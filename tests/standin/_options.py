@@ -17,6 +17,15 @@ import sys
 from collections.abc import Callable
 
 _MARKER = "@@cvmfs2-standin-values@@"
+_UNSET = "@@cvmfs2-standin-unset@@"
+# Stand-in fault knobs.  Unlike real parameters they also count when a
+# fragment sets them indirectly (e.g. by sourcing a per-repository file).
+KNOBS = (
+    "CVMFS_STANDIN_BOOT_DELAY",
+    "CVMFS_STANDIN_FAIL",
+    "CVMFS_STANDIN_HANG",
+    "CVMFS_STANDIN_CRASH_AFTER",
+)
 # Like cvmfs' RepositorySanitizer: what may name a config repository.
 _REPO_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -62,7 +71,8 @@ class Options:
         self.values: dict[str, tuple[str, str]] = {}
         # The real client setenv()s every parameter it reads, so later
         # fragments (and the shells evaluating them) see earlier values.
-        self.env: dict[str, str] = dict(os.environ)
+        # Knobs come from configuration files only, never from our environment.
+        self.env: dict[str, str] = {k: v for k, v in os.environ.items() if k not in KNOBS}
         self.env["CVMFS_FQRN"] = fqrn
 
     # -- access ---------------------------------------------------------
@@ -132,11 +142,12 @@ class Options:
 
     def _parse_shell(self, content: str, source: str) -> None:
         parameters = [p for p, _ in filter(None, map(_assignment, content.splitlines()))]
-        if not parameters:
+        if not content.strip():
             return
         workdir = os.path.dirname(source) or "/"
         script = f'cd "{workdir}"\n{content}\n'
         script += f"echo {_MARKER}\n" + "".join(f"echo ${p}\n" for p in parameters)
+        script += "".join(f'echo "${{{k}-{_UNSET}}}"\n' for k in KNOBS)
         proc = subprocess.run(
             ["/bin/sh"],
             input=script.encode("utf-8", "surrogateescape"),
@@ -150,6 +161,10 @@ class Options:
         values = lines[lines.index(_MARKER) + 1 :] if _MARKER in lines else []
         for i, parameter in enumerate(parameters):
             self.populate(parameter, values[i] if i < len(values) else "", source)
+        knob_values = values[len(parameters) : len(parameters) + len(KNOBS)]
+        for knob, value in zip(KNOBS, knob_values, strict=False):
+            if knob not in parameters and value != _UNSET and value != self.get(knob):
+                self.populate(knob, value, source)
 
     def config_repository_dir(self) -> str | None:
         """``<CVMFS_MOUNT_DIR>/<CVMFS_CONFIG_REPOSITORY>/etc/cvmfs/`` if one is in use."""
