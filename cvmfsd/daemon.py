@@ -46,13 +46,14 @@ def _release_staging(cfg: Config) -> None:
 
 
 def _answers(path: str, timeout: float = 2.0) -> bool:
-    """Does a stat of path succeed in time? In a throwaway thread: a stopped daemon's root
-    would block it for good."""
+    """Does a listing of path succeed in time? (A stat would not ask the daemon: the root's
+    attributes are cached for good.) In a throwaway thread: a stopped daemon's root would block
+    it for good."""
     result: list[bool] = []
 
     def attempt() -> None:
         try:
-            os.stat(path)
+            os.listdir(path)
             result.append(True)
         except OSError:
             result.append(False)
@@ -110,11 +111,12 @@ async def run(cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STA
     kernel.set_child_subreaper()
     os.chdir("/")  # hold no directory busy; cvmfs2 inherits a safe working directory
     started = time.monotonic()
-    registry = Registry(cfg.backoff_initial, cfg.backoff_max)
+    registry = Registry(cfg.backoff_initial, cfg.backoff_max, cfg.restart_window,
+                        cfg.restart_burst)
     children = Children()
+    await trio.to_thread.run_sync(_check_root, cfg)
     async with trio.open_nursery() as nursery:
         await nursery.start(children.run)
-        await trio.to_thread.run_sync(_check_root, cfg)
         await trio.to_thread.run_sync(_prepare_staging, cfg)
         mounter = Mounter(cfg, registry, children)
         ops = RootOperations(cfg, registry, mounter)

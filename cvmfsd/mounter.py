@@ -171,7 +171,7 @@ class Mounter:
         if repo.state is not State.MOUNTED or repo.process is not process:
             return
         self.registry.died(repo, BackendDied(f"{why} after {lived:.1f} s"), trio.current_time(),
-                           time.time(), self.cfg.restart_window, self.cfg.restart_burst)
+                           time.time())
         log.warning("healed", repo=repo.name, reason=why, mounted_for_s=round(lived, 2),
                     state=str(repo.state))
         if process is not None:

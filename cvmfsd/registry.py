@@ -49,11 +49,13 @@ class Repo:
 
 
 class Registry:
-    def __init__(self, backoff_initial: float, backoff_max: float) -> None:
+    def __init__(self, backoff_initial: float, backoff_max: float, restart_window: float = 60.0,
+                 restart_burst: int = 10) -> None:
         self._by_name: dict[str, Repo] = {}
         self._by_inode: dict[int, Repo] = {}
         self._next_inode = ROOT_INODE + 1
         self._backoff = (backoff_initial, backoff_max)
+        self._restart = (restart_window, restart_burst)
         # Kernel thread ids of the daemon's own mount workers: their FUSE requests are answered
         # at once, never made to wait for the attach they are performing.
         self._own_tids: set[int] = set()
@@ -89,7 +91,10 @@ class Registry:
 
     def booted(self, repo: Repo, process: Tracked, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOTED)
-        repo.failures = 0
+        if not any(monotonic - t <= self._restart[0] for t in repo.deaths):
+            # A crash-looping backend boots fine and then dies: only a boot with no recent
+            # deaths (see died()) ends its backoff series.
+            repo.failures = 0
         repo.process = process
         repo.mounted_at, repo.mounted_since = monotonic, wall
         repo.settled.set()
@@ -117,10 +122,12 @@ class Registry:
         repo.fire(Event.UNMOUNT_REFUSED)
         repo.settled.set()
 
-    def died(self, repo: Repo, error: MountError, monotonic: float, wall: float,
-             window: float, burst: int) -> None:
+    def died(self, repo: Repo, error: MountError, monotonic: float, wall: float) -> None:
         """The backend of a mounted repository died and its mount was detached."""
+        window, burst = self._restart
         repo.deaths = [t for t in repo.deaths if monotonic - t <= window] + [monotonic]
+        if repo.mounted_at is not None and monotonic - repo.mounted_at > window:
+            repo.deaths = [monotonic]  # it served for a whole window: not a loop
         repo.last_error, repo.last_error_at = error, wall
         if crash_loop(repo.deaths, monotonic, window, burst):
             self.gone(repo, Event.CRASH_LOOP)

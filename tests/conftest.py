@@ -205,6 +205,14 @@ def run_py(code: str, *args: str, cwd: str | None = None,
                           timeout=timeout, cwd=cwd)
 
 
+def exited(pid: int) -> bool:
+    """Gone or a zombie (exited, not yet reaped)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def soak_size(ci: int, full: int) -> int:
     """Long soaks run a smaller size by default; CVMFSD_SOAK_FULL=1 runs the full size."""
     return full if os.environ.get("CVMFSD_SOAK_FULL") == "1" else ci

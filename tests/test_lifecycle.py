@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DEMO_FILES, Daemon, mounts_under, reap, soak_size
+from conftest import DEMO_FILES, Daemon, exited, mounts_under, reap, soak_size
 from podview import PodView
 
 BLOB = DEMO_FILES["data/blob.bin"]
@@ -75,7 +75,7 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
             pid = serving_pid(d, repo)
             os.kill(pid, signal.SIGKILL if i % 2 == 0 else signal.SIGTERM)
             killed = time.monotonic()
-            while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+            while not exited(pid):
                 time.sleep(0.001)
             heal = wait_open_ok(blob, timeout=2.0)
             heal_times.append(time.monotonic() - killed)
@@ -220,7 +220,7 @@ def test_start_over_a_dead_root(start_daemon, env) -> None:  # type: ignore[no-u
     assert (second.path("cms.cern.ch") / "README").read_text() == DEMO_FILES["README"]
     assert mounts_under(second.root) == [str(second.root), str(second.path("cms.cern.ch"))]
     deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in old_pids):
+    while not all(exited(p) for p in old_pids):
         assert time.monotonic() < deadline, "old backends outlived their detached mounts"
         time.sleep(0.05)
     reap(old_pids)
