@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from csi_harness import Plugin, Pod, StandinRoot, mounts_at_or_under, unmount_tree
 
 from csi import mounts
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="needs root and /dev/fuse (mounts, FUSE, mount namespaces)",
-)
+ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+
+
+def pytest_plugin_registered(plugin: Any, manager: pytest.PytestPluginManager) -> None:
+    """Keep `import conftest` meaning tests/conftest.py.
+
+    conftest.py files outside packages are all imported as the module `conftest`, and pytest
+    leaves the last one loaded in sys.modules. The tests in tests/ import helpers with
+    `from conftest import ...`; once this file is loaded they would get it instead. So when this
+    file is registered, tests/conftest.py goes back into sys.modules. (These tests import nothing
+    from `conftest`: shared helpers live in csi_harness.py.)
+    """
+    if getattr(plugin, "__file__", None) != __file__:
+        return
+    for other in manager.get_plugins():
+        if getattr(other, "__file__", None) == str(ROOT_CONFTEST):
+            sys.modules["conftest"] = other
 
 
 @pytest.fixture(autouse=True)

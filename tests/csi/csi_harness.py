@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from csi import mounts
 from csi.proto import csi_pb2, csi_pb2_grpc
@@ -28,6 +29,10 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 REPOS = ("alpha.example.org", "beta.example.org", "gamma.example.org", "delta.example.org")
 AccessMode = csi_pb2.VolumeCapability.AccessMode
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="needs root and /dev/fuse (mounts, FUSE, mount namespaces)",
+)
 
 
 def env_with_repo() -> dict[str, str]:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import needs_root
 from csi_harness import (
     AccessMode,
     Plugin,
@@ -27,6 +26,7 @@ from csi_harness import (
     code_of,
     make_target,
     mounts_at_or_under,
+    needs_root,
     publish_request,
     unpublish_request,
 )

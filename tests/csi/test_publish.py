@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import needs_root
 from csi_harness import (
     AccessMode,
     Plugin,
@@ -20,6 +19,7 @@ from csi_harness import (
     StandinRoot,
     code_of,
     make_target,
+    needs_root,
     publish_request,
     unpublish_request,
 )
