@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from csi.config import DEFAULT_DRIVER_NAME
 from csi.main import build_parser
 from csi.server import socket_path
 from csi.volume import repository_from
+
+# PyYAML is a test dependency of these checks (pip install pyyaml); skipped, loudly, without it
+yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: pip install pyyaml")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "csi" / "deploy"

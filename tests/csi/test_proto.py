@@ -4,6 +4,8 @@ grpcio-tools generates from it."""
 from __future__ import annotations
 
 import hashlib
+import re
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,29 @@ def test_proto_is_the_vendored_upstream_file() -> None:
     assert "Apache License" in (PROTO_DIR / "LICENSE").read_text()
 
 
+VERSION_LINE = re.compile(
+    r"(?m)^.*(GRPC_GENERATED_VERSION =|Protobuf Python Version:|^\s+\d+,$).*$"
+)
+
+
 def test_committed_stubs_match_regeneration(tmp_path: Path) -> None:
-    pytest.importorskip("grpc_tools")
+    """Byte for byte with the grpcio-tools the stubs were made with; with another version, equal
+    apart from the lines that carry version numbers (regenerate and commit to make it exact)."""
+    tools = pytest.importorskip("grpc_tools")
+    del tools
     generated = generate.generate(tmp_path)
     assert [p.name for p in generated] == ["csi_pb2.py", "csi_pb2_grpc.py"]
+    made_with = re.search(
+        r"GRPC_GENERATED_VERSION = '([^']+)'", (PROTO_DIR / "csi_pb2_grpc.py").read_text()
+    )
+    same_tools = made_with is not None and made_with.group(1) == metadata.version("grpcio-tools")
     for path in generated:
-        committed = PROTO_DIR / path.name
-        assert path.read_bytes() == committed.read_bytes(), (
-            f"{committed} differs from grpcio-tools output: run python -m csi.proto.generate"
+        committed = (PROTO_DIR / path.name).read_text()
+        fresh = path.read_text()
+        if not same_tools:
+            committed, fresh = VERSION_LINE.sub("", committed), VERSION_LINE.sub("", fresh)
+        assert fresh == committed, (
+            f"{path.name} differs from grpcio-tools output: run python -m csi.proto.generate"
         )
 
 
