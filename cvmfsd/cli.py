@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key} = {value!r}")
         return 0
     log.configure(cfg.log_level, cfg.log_format)
-    from .daemon import StartupError, run
+    from .daemon import StartupError, StopMode, run
 
     try:
-        trio.run(run, cfg)
+        mode = trio.run(run, cfg)
     except StartupError as exc:
         print(f"cvmfsd: {exc}", file=sys.stderr)
         return 1
+    if mode is StopMode.REEXEC:
+        # Upgrade in place: the same pid (systemd's main pid, the cvmfs2 processes' parent)
+        # runs the code now on disk, which takes over the mounts left in place.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "cvmfsd", *sys.argv[1:]])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,6 +65,22 @@ class Config:
     fuse_max_tasks: int = 512
     log_level: str = "info"
     log_format: str = "auto"  # auto: JSON unless stderr is a TTY; or "json", "console"
+    # What SIGTERM/SIGINT do. "unmount": unmount every repository, stop cvmfs2, unmount the root.
+    # "handover": leave repositories mounted and served, for the next cvmfsd to take over
+    # without a failed read (systemctl restart, package upgrades); the root answers nothing new
+    # until then. SIGUSR2 always hands over to a re-executed cvmfsd.
+    stop_mode: str = "unmount"
+    # --- node admin surface (cvmfsd/admin.py, control.py, metrics.py) ---------------------
+    # The status socket that cvmfsctl talks to. Empty: <run_dir>/cvmfsd.sock.
+    control_socket: str = ""
+    # Members of this group (name or gid) may use the status socket too (mode 0660); empty:
+    # root only (mode 0600).
+    admin_group: str = ""
+    # Prometheus endpoint, "HOST:PORT" or "PORT" (= 127.0.0.1:PORT); empty: off.
+    metrics_listen: str = ""
+    # What `cvmfsctl probe` mounts and checks, like CVMFS_REPOSITORIES for `cvmfs_config
+    # probe`. Empty: every repository the daemon knows (looked up since it started).
+    probe_repositories: tuple[str, ...] = ()
 
     @property
     def staging_dir(self) -> Path:
@@ -78,12 +94,20 @@ class Config:
     def handler_wait(self) -> float:
         return self.attach_wait or self.mount_timeout + 5.0
 
+    @property
+    def control_socket_path(self) -> Path:
+        return Path(self.control_socket) if self.control_socket else self.run_dir / "cvmfsd.sock"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return parse_listen(self.metrics_listen) if self.metrics_listen else None
+
 
 _PATHS = {"root", "run_dir", "cvmfs2"}
 _FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait", "expire_timeout",
            "expire_min_age", "reconcile_interval", "restart_window"}
 _INTS = {"max_concurrent_boots", "fuse_max_tasks", "max_mounted", "restart_burst"}
-_STR_LISTS = {"allow", "deny"}
+_STR_LISTS = {"allow", "deny", "probe_repositories"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
 
@@ -136,6 +160,8 @@ def _validate(cfg: Config) -> Config:
         problems.append("need 0 < backoff_initial <= backoff_max")
     if cfg.log_level not in _LOG_LEVELS:
         problems.append(f"log_level must be one of {sorted(_LOG_LEVELS)}")
+    if cfg.stop_mode not in {"unmount", "handover"}:
+        problems.append("stop_mode must be unmount or handover")
     if cfg.log_format not in {"auto", "json", "console"}:
         problems.append("log_format must be auto, json or console")
     if cfg.root == Path("/") or cfg.root == cfg.run_dir or cfg.run_dir.is_relative_to(cfg.root):
@@ -158,9 +184,61 @@ def _validate(cfg: Config) -> Config:
             problems.append(f"config_repository {cfg.config_repository!r}: {exc}")
         if not cfg.policy.permits(cfg.config_repository):
             problems.append(f"config_repository {cfg.config_repository!r} is denied by the policy")
+    problems += _admin_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
     return cfg
+
+
+# --- node admin surface keys ----------------------------------------------------------------
+def parse_listen(value: str) -> tuple[str, int]:
+    """"PORT", ":PORT", "HOST:PORT" or "[V6]:PORT" -> (host, port); the host defaults to
+    loopback: metrics are for a node-local scraper unless the admin says otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "", value
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics_listen: bad port in {value!r} (HOST:PORT or PORT)")
+    return host, int(port)
+
+
+def admin_gid(group: str) -> int | None:
+    """The admin group's gid (a name or a number); None when no group is configured."""
+    import grp
+
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"admin_group: no group named {group!r}") from None
+
+
+def _admin_problems(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.control_socket:
+        path = Path(cfg.control_socket)
+        if not path.is_absolute():
+            problems.append("control_socket must be an absolute path")
+        elif path.is_relative_to(cfg.root):
+            problems.append("control_socket must lie outside root")
+        elif len(os.fsencode(path)) > 107:  # sockaddr_un.sun_path
+            problems.append("control_socket path is longer than 107 bytes")
+    for check in (lambda: admin_gid(cfg.admin_group),
+                  lambda: cfg.metrics_address):
+        try:
+            check()
+        except ValueError as exc:
+            problems.append(str(exc))
+    for name in cfg.probe_repositories:
+        try:
+            check_syntax(name)
+        except InvalidName as exc:
+            problems.append(f"probe_repositories entry {name!r}: {exc}")
+    return problems
 
 
 def build(values: dict[str, Any], base: Config | None = None) -> Config:

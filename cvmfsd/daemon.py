@@ -1,19 +1,20 @@
-"""The daemon: prepares the runtime directory, serves the root, shuts down cleanly."""
+"""The daemon: takes over or prepares the root, serves it, stops or hands over."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import threading
 import time
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 import pyfuse3
 import structlog
 import trio
 
-from . import __version__, kernel
-from .children import Children
+from . import __version__, kernel, rootmount, takeover
+from .children import Children, Tracked
 from .config import Config
 from .fs import RootOperations
 from .mounter import Mounter
@@ -22,9 +23,37 @@ from .upkeep import Upkeep
 
 log = structlog.get_logger("cvmfsd")
 
+# Seconds between the new root covering the old one and the old repository mounts being
+# detached: path walks that were already inside the old root finish crossing them meanwhile.
+DETACH_OLD_AFTER = 0.2
+
 
 class StartupError(RuntimeError):
     pass
+
+
+class StopMode(StrEnum):
+    UNMOUNT = "unmount"    # everything unmounted and stopped
+    HANDOVER = "handover"  # mounts and backends left for the next daemon
+    REEXEC = "reexec"      # hand over to a fresh exec of this program (upgrade in place)
+
+
+@dataclass
+class Runtime:
+    """What the daemon's services share."""
+
+    cfg: Config
+    registry: Registry
+    mounter: Mounter
+    children: Children
+    started: float = field(default_factory=time.monotonic)
+    stop_requested: trio.Event = field(default_factory=trio.Event)
+    stop_mode: StopMode = StopMode.UNMOUNT
+
+    def request_stop(self, mode: StopMode) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_mode = mode
+            self.stop_requested.set()
 
 
 def _prepare_staging(cfg: Config) -> None:
@@ -32,8 +61,8 @@ def _prepare_staging(cfg: Config) -> None:
     whatever the host's propagation of the run directory is."""
     cfg.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     cfg.staging_dir.mkdir(mode=0o700, exist_ok=True)
-    existing = kernel.mounts_at(str(cfg.staging_dir))
-    for _ in existing:  # a previous run's staging area: nothing in it is reachable any more
+    for _ in kernel.mounts_at(str(cfg.staging_dir)):
+        # A previous run's staging area: nothing in it is reachable any more.
         kernel.umount(cfg.staging_dir, kernel.MNT_DETACH)
     kernel.mount("cvmfsd-staging", cfg.staging_dir, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
                  "mode=0700,size=1m")
@@ -45,53 +74,12 @@ def _release_staging(cfg: Config) -> None:
         kernel.umount(cfg.staging_dir, kernel.MNT_DETACH)
 
 
-def _answers(path: str, timeout: float = 2.0) -> bool:
-    """Does a listing of path succeed in time? (A stat would not ask the daemon: the root's
-    attributes are cached for good.) In a throwaway thread: a stopped daemon's root would block
-    it for good."""
-    result: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            os.listdir(path)
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    worker = threading.Thread(target=attempt, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return bool(result and result[0])
-
-
-def _clean_stale_root(cfg: Config) -> None:
-    """A previous cvmfsd that died leaves its root (ENOTCONN) and repository mounts at the root
-    path. Detach them, deepest first, and say so; refuse anything that is not ours or alive."""
-    root = str(cfg.root)
-    entries = kernel.read_mountinfo()
-    at_root = kernel.mounts_at(root, entries)
-    below = kernel.mounts_below(root, entries)
-    if not at_root and not below:
-        return
-    foreign = [e for e in at_root if e.fstype != "fuse.cvmfsd"]
-    foreign += [e for e in below if e.source != "cvmfs2"]
-    if foreign:
-        raise StartupError(f"{root} holds mounts that are not cvmfsd's: "
-                           + ", ".join(f"{e.mountpoint} ({e.fstype} {e.source})" for e in foreign))
-    if _answers(root):
-        raise StartupError(f"{root} is served by a running cvmfsd already")
-    for entry in sorted(below, key=lambda e: e.mountpoint.count("/"), reverse=True):
-        with contextlib.suppress(OSError):
-            kernel.umount(entry.mountpoint, kernel.MNT_DETACH)
-            log.warning("stale_mount_detached", mountpoint=entry.mountpoint, fstype=entry.fstype)
-    for _ in at_root:
-        kernel.umount(root, kernel.MNT_DETACH)
-        log.warning("stale_root_detached", mountpoint=root)
-
-
-def _check_root(cfg: Config) -> None:
+def _inspect_root(cfg: Config) -> takeover.Plan | None:
     cfg.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-    _clean_stale_root(cfg)
+    try:
+        return takeover.plan(cfg)
+    except takeover.TakeoverRefused as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _root_answers(cfg: Config) -> None:
@@ -99,83 +87,143 @@ def _root_answers(cfg: Config) -> None:
     st = os.stat(cfg.root)
     if st.st_ino != pyfuse3.ROOT_INODE:
         raise StartupError(f"{cfg.root} does not show the cvmfsd root (inode {st.st_ino})")
+    os.listdir(cfg.root)
 
 
-FUSE_OPTIONS = ("fsname=cvmfsd", "subtype=cvmfsd", "allow_other", "default_permissions", "ro",
-                "nodev", "nosuid")
+async def _adopt(rt: Runtime, plan: takeover.Plan) -> None:
+    """Attach clones of the previous daemon's live repository mounts to the staged root.
+    Names are marked mounted first, so nothing can boot a second backend for them."""
+    staged = rootmount.staged_root(rt.cfg)
+    for found in plan.adopt:
+        repo = rt.registry.get(found.name) or rt.registry.add(found.name)
+        try:
+            process = Tracked.open(found.pid)
+        except ProcessLookupError:
+            plan.stale.append(str(rt.cfg.root / found.name))
+            continue
+        rt.registry.adopted(repo, process, trio.current_time(), time.time())
+
+        def attach(found: takeover.Found = found) -> None:
+            rt.registry.enter_own_thread()
+            try:
+                takeover.clone_onto(found, staged / found.name)
+            finally:
+                rt.registry.leave_own_thread()
+
+        await trio.to_thread.run_sync(attach)
+        rt.mounter.watch(repo, process)
+        log.info("adopted", repo=found.name, serving_pid=found.pid)
+
+
+async def _publish(rt: Runtime) -> None:
+    def publish() -> None:
+        rt.registry.enter_own_thread()
+        try:
+            rootmount.publish(rt.cfg)
+        finally:
+            rt.registry.leave_own_thread()
+
+    await trio.to_thread.run_sync(publish)
 
 
 async def run(cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-              ) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation), then unmount everything and return."""
+              ) -> StopMode:
+    """Serve until a stop is requested (signals, cvmfsctl) or cancelled; return how it ended."""
     kernel.set_child_subreaper()
     os.chdir("/")  # hold no directory busy; cvmfs2 inherits a safe working directory
-    started = time.monotonic()
     registry = Registry(cfg.backoff_initial, cfg.backoff_max, cfg.restart_window,
                         cfg.restart_burst)
     children = Children()
-    await trio.to_thread.run_sync(_check_root, cfg)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(children.run)
-        await trio.to_thread.run_sync(_prepare_staging, cfg)
-        mounter = Mounter(cfg, registry, children)
-        ops = RootOperations(cfg, registry, mounter)
-        fuse_scope = trio.CancelScope()
-        fuse_done = trio.Event()
-        try:
-            await nursery.start(mounter.run)
-            await nursery.start(Upkeep(cfg, registry, mounter).run)
-            pyfuse3.init(ops, str(cfg.root), set(FUSE_OPTIONS))
-            await trio.to_thread.run_sync(kernel.set_propagation, cfg.root, kernel.MS_SHARED)
+    rt = Runtime(cfg, registry, Mounter(cfg, registry, children), children)
+    plan = await trio.to_thread.run_sync(_inspect_root, cfg)
+    fuse_scope = trio.CancelScope()
+    fuse_done = trio.Event()
+    fuse_started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(children.run)
+            await trio.to_thread.run_sync(_prepare_staging, cfg)
+            try:
+                await nursery.start(rt.mounter.run)
+                await nursery.start(Upkeep(cfg, registry, rt.mounter).run)
+                fd = await trio.to_thread.run_sync(rootmount.mount_staged, cfg)
+                pyfuse3.init(RootOperations(cfg, registry, rt.mounter), f"/dev/fd/{fd}", set())
+                fuse_started = True
 
-            async def serve_fuse() -> None:
-                try:
-                    with fuse_scope:
-                        await pyfuse3.main(min_tasks=4, max_tasks=cfg.fuse_max_tasks)
-                    if not fuse_scope.cancelled_caught:
-                        log.error("root_unmounted_externally", root=str(cfg.root))
-                finally:
-                    fuse_done.set()
+                async def serve_fuse() -> None:
+                    try:
+                        with fuse_scope:
+                            await pyfuse3.main(min_tasks=4, max_tasks=cfg.fuse_max_tasks)
+                        if not fuse_scope.cancelled_caught:
+                            log.error("root_unmounted_externally", root=str(cfg.root))
+                    finally:
+                        fuse_done.set()
 
-            nursery.start_soon(serve_fuse)
-            await trio.to_thread.run_sync(_root_answers, cfg)
-            log.info("ready", root=str(cfg.root), version=__version__, pid=os.getpid(),
-                     startup_ms=round((time.monotonic() - started) * 1000, 1))
-            task_status.started()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as waiter:
-                    async def on_signal() -> None:
-                        async for signum in signals:
-                            log.info("stopping", signal=signal.Signals(signum).name)
-                            break
-                        waiter.cancel_scope.cancel()
+                nursery.start_soon(serve_fuse)
+                if plan is not None:
+                    await trio.to_thread.run_sync(takeover.detach_stale, plan)
+                    await _adopt(rt, plan)
+                await _publish(rt)
+                if plan is not None:
+                    await trio.sleep(DETACH_OLD_AFTER)
+                    for found in plan.adopt:
+                        await trio.to_thread.run_sync(takeover.detach_old, found)
+                await trio.to_thread.run_sync(_root_answers, cfg)
+                log.info("ready", root=str(cfg.root), version=__version__, pid=os.getpid(),
+                         adopted=len(plan.adopt) if plan else 0,
+                         startup_ms=round((time.monotonic() - rt.started) * 1000, 1))
+                task_status.started()
+                await _until_stop(rt, fuse_done)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await _stop(rt, fuse_scope, fuse_done, fuse_started)
+                    nursery.cancel_scope.cancel()
+    finally:
+        if plan is not None:
+            plan.close()
+    log.info("stopped", mode=str(rt.stop_mode), orphans_reaped=children.orphans_reaped)
+    return rt.stop_mode
 
-                    async def on_fuse_end() -> None:
-                        await fuse_done.wait()
-                        waiter.cancel_scope.cancel()
 
-                    waiter.start_soon(on_signal)
-                    waiter.start_soon(on_fuse_end)
-        finally:
-            with trio.CancelScope(shield=True):
-                await _shutdown(cfg, mounter, fuse_scope, fuse_done)
-                nursery.cancel_scope.cancel()
-    log.info("stopped", orphans_reaped=children.orphans_reaped)
+async def _until_stop(rt: Runtime, fuse_done: trio.Event) -> None:
+    modes = {signal.SIGTERM: StopMode(rt.cfg.stop_mode), signal.SIGINT: StopMode(rt.cfg.stop_mode),
+             signal.SIGUSR2: StopMode.REEXEC}
+    with trio.open_signal_receiver(*modes) as signals:
+        async with trio.open_nursery() as waiter:
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("stopping", signal=signal.Signals(signum).name,
+                             mode=str(modes[signum]))
+                    rt.request_stop(modes[signum])
+
+            async def on_fuse_end() -> None:
+                await fuse_done.wait()
+                rt.request_stop(StopMode.UNMOUNT)
+
+            waiter.start_soon(on_signal)
+            waiter.start_soon(on_fuse_end)
+            await rt.stop_requested.wait()
+            waiter.cancel_scope.cancel()
 
 
-async def _shutdown(cfg: Config, mounter: Mounter, fuse_scope: trio.CancelScope,
-                    fuse_done: trio.Event) -> None:
+async def _stop(rt: Runtime, fuse_scope: trio.CancelScope, fuse_done: trio.Event,
+                fuse_started: bool) -> None:
+    unmount = rt.stop_mode is StopMode.UNMOUNT
     with trio.move_on_after(60):
-        if mounter._nursery is not None:
-            await mounter.shutdown()
+        if rt.mounter.running:
+            await (rt.mounter.shutdown() if unmount else rt.mounter.handover())
     fuse_scope.cancel()
     with trio.move_on_after(5):
         await fuse_done.wait()
-    try:
-        pyfuse3.close(unmount=True)
-    except Exception as exc:  # not initialised, or already gone
-        log.debug("close", error=repr(exc))
-    await trio.to_thread.run_sync(_release_staging, cfg)
+    if fuse_started:
+        # Closing /dev/fuse aborts the connection: a root left mounted is then dead, and the
+        # repository mounts below it keep working through the kernel's cached dentries.
+        pyfuse3.close(unmount=False)
+    if unmount:
+        layers = await trio.to_thread.run_sync(rootmount.unmount_all_layers, rt.cfg)
+        log.info("root_unmounted", layers=layers)
+    with contextlib.suppress(OSError):
+        await trio.to_thread.run_sync(_release_staging, rt.cfg)
 
 
-__all__ = ["StartupError", "run"]
+__all__ = ["Runtime", "StartupError", "StopMode", "run"]

@@ -53,8 +53,10 @@ def mount(source: str | os.PathLike[str] | None, target: str | os.PathLike[str],
     _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), "mount", target)
 
 
-def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
-    _check(_libc.umount2(_b(target), flags | UMOUNT_NOFOLLOW), "umount2", target)
+def umount(target: str | os.PathLike[str], flags: int = 0, follow: bool = False) -> None:
+    """follow=True only for /proc/self/fd/N paths, which are symlinks to follow."""
+    flags |= 0 if follow else UMOUNT_NOFOLLOW
+    _check(_libc.umount2(_b(target), flags), "umount2", target)
 
 
 def move_mount(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
@@ -126,3 +128,42 @@ def mounts_below(path: str, entries: list[MountEntry] | None = None) -> list[Mou
 
 def is_enotconn(err: OSError) -> bool:
     return err.errno == errno.ENOTCONN
+
+
+# --- new mount API (Linux 5.2+; these syscall numbers are the same on every architecture) -----
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+_libc.syscall.restype = ctypes.c_long
+
+
+def open_tree_clone(fd: int) -> int:
+    """A detached clone of the mount that fd (O_PATH, at a mount root) points at."""
+    result = _libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(fd), b"",
+                           ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree: {os.strerror(err)}")
+    return int(result)
+
+
+def move_mount_fd(fd: int, target: str | os.PathLike[str]) -> None:
+    """Attach the detached mount fd at target."""
+    result = _libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD),
+                           os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"move_mount: {os.strerror(err)}", str(target))
+
+
+def mount_id_of_fd(fd: int) -> int:
+    """The mnt_id of the mount an open fd lives on (/proc/self/fdinfo)."""
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    raise OSError(f"no mnt_id for fd {fd}")

@@ -21,6 +21,7 @@ class Event(StrEnum):
     UNMOUNTED = "unmounted"
     UNMOUNT_REFUSED = "unmount_refused"  # busy: keep it
     DIED = "died"            # the serving process exited or the mount turned corrupted
+    ADOPTED = "adopted"      # taken over, already mounted, from a previous daemon
     CRASH_LOOP = "crash_loop"  # died too often recently: back off like a failed boot
 
 
@@ -28,6 +29,7 @@ _TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.IDLE, Event.BOOT): State.BOOTING,
     (State.FAILED, Event.BOOT): State.BOOTING,
     (State.BOOTING, Event.BOOTED): State.MOUNTED,
+    (State.IDLE, Event.ADOPTED): State.MOUNTED,
     (State.BOOTING, Event.BOOT_FAILED): State.FAILED,
     (State.MOUNTED, Event.UNMOUNT): State.UNMOUNTING,
     (State.MOUNTED, Event.DIED): State.IDLE,

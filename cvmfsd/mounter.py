@@ -47,6 +47,10 @@ class Mounter:
             task_status.started()
             await trio.sleep_forever()
 
+    @property
+    def running(self) -> bool:
+        return self._nursery is not None
+
     # --- called from FUSE handlers: never waits ----------------------------------------------
     def request(self, repo: Repo) -> None:
         """Make sure a boot of repo is under way, or raise the error that keeps it from one."""
@@ -114,11 +118,10 @@ class Mounter:
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
             self._log_attempt(repo, started, None, error)
             return
-        assert process is not None and self._nursery is not None
-        self._nursery.start_soon(process.watch, name=f"pidfd {process.pid}")
+        assert process is not None
         self.registry.booted(repo, process, trio.current_time(), time.time())
         self._log_attempt(repo, started, process.pid, None)
-        self._nursery.start_soon(self._watch, repo, process, name=f"watch {repo.name}")
+        self.watch(repo, process)
 
     def _attach(self, name: str, staging: Path) -> Tracked:
         """Worker thread: check what booted, then move it into place."""
@@ -226,16 +229,19 @@ class Mounter:
             self.registry.leave_own_thread()
         return True
 
-    async def shutdown(self) -> None:
-        """Unmount every repository (busy ones lazily), and see every serving process exit."""
+    async def _cancel_boots(self) -> None:
+        """Boots in progress are cancelled; each kills its cvmfs2 and cleans its staging path."""
         self.closing = True
-        # Boots in progress are cancelled; each kills its cvmfs2 and cleans its staging path.
         for scope in list(self._boots):
             scope.cancel()
         with trio.move_on_after(15):
             while self._boots:
                 self._boots_idle = trio.Event()
                 await self._boots_idle.wait()
+
+    async def shutdown(self) -> None:
+        """Unmount every repository (busy ones lazily), and see every serving process exit."""
+        await self._cancel_boots()
         processes = [r.process for r in self.registry.mounted() if r.process]
         for repo in self.registry.mounted():
             await self.unmount(repo, reason="shutdown", lazy=True)
@@ -245,6 +251,18 @@ class Mounter:
                 await process.exited.wait()
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
+
+    async def handover(self) -> None:
+        """Leave every mounted repository and its backend as they are, for the next daemon."""
+        await self._cancel_boots()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    def watch(self, repo: Repo, process: Tracked) -> None:
+        """Track the backend of a repository that is mounted (booted here or adopted)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(process.watch, name=f"pidfd {process.pid}")
+        self._nursery.start_soon(self._watch, repo, process, name=f"watch {repo.name}")
 
 
 def _exit_text(code: int | None) -> str:

@@ -99,6 +99,12 @@ class Registry:
         repo.mounted_at, repo.mounted_since = monotonic, wall
         repo.settled.set()
 
+    def adopted(self, repo: Repo, process: Tracked, monotonic: float, wall: float) -> None:
+        repo.fire(Event.ADOPTED)
+        repo.process = process
+        repo.mounted_at, repo.mounted_since = monotonic, wall
+        repo.settled.set()
+
     def boot_failed(self, repo: Repo, error: MountError, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOT_FAILED)
         repo.failures += 1

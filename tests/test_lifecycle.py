@@ -205,22 +205,36 @@ def test_mount_expire_cycles_stay_bounded(start_daemon) -> None:  # type: ignore
 
 
 def test_start_over_a_dead_root(start_daemon, env) -> None:  # type: ignore[no-untyped-def]
+    """A daemon killed with SIGKILL leaves a dead root and its repository mounts; one backend
+    also died since. The next daemon adopts the live one, drops the dead one, serves, and a
+    final shutdown leaves nothing behind."""
     first = start_daemon()
     for repo in ("alice.cern.ch", "cms.cern.ch"):
         assert (first.path(repo) / "README").exists()
-    old_pids = {serving_pid(first, r) for r in ("alice.cern.ch", "cms.cern.ch")}
+    alive, dead = serving_pid(first, "alice.cern.ch"), serving_pid(first, "cms.cern.ch")
     first.stop(signal.SIGKILL)
+    os.kill(dead, signal.SIGKILL)
     with pytest.raises(OSError) as exc:
         os.listdir(first.root)
     assert exc.value.errno == errno.ENOTCONN
     assert len(mounts_under(first.root)) == 3  # dead root + two repository mounts
 
     second = start_daemon()
-    assert second.events("stale_root_detached")
+    assert [e["repo"] for e in second.events("adopted")] == ["alice.cern.ch"]
+    assert second.events("stale_mount_detached")
+    assert (second.path("alice.cern.ch") / "README").read_text() == DEMO_FILES["README"]
     assert (second.path("cms.cern.ch") / "README").read_text() == DEMO_FILES["README"]
-    assert mounts_under(second.root) == [str(second.root), str(second.path("cms.cern.ch"))]
+    assert env.boots().count("alice.cern.ch") == 1  # adopted, not booted again
+    assert env.boots().count("cms.cern.ch") == 2
+    assert serving_pid(second, "alice.cern.ch") == alive
+    # The old root stays as a dead layer under the new one until the final shutdown.
+    assert mounts_under(second.root) == [str(second.root), str(second.root),
+                                         str(second.path("alice.cern.ch")),
+                                         str(second.path("cms.cern.ch"))]
+    assert second.stop() == 0
+    assert mounts_under(second.root) == []
     deadline = time.monotonic() + 10
-    while not all(exited(p) for p in old_pids):
-        assert time.monotonic() < deadline, "old backends outlived their detached mounts"
+    while not (exited(alive) and exited(dead)):
+        assert time.monotonic() < deadline, "backends outlived the final shutdown"
         time.sleep(0.05)
-    reap(old_pids)
+    reap([alive, dead])
