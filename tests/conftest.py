@@ -131,18 +131,22 @@ class Daemon:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def wait_ready(self, count: int, timeout: float = 30) -> None:
+        """Until the count-th "ready" line (a re-executed daemon logs one more)."""
+        _wait_ready(self, timeout, count)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
 
-def _wait_ready(d: Daemon, timeout: float = 20) -> None:
+def _wait_ready(d: Daemon, timeout: float = 20, count: int = 1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if d.proc.poll() is not None:
             raise RuntimeError(f"cvmfsd exited {d.proc.returncode}:\n{d.log_path.read_text()}")
-        if d.events("ready"):
+        if len(d.events("ready")) >= count:
             return
         time.sleep(0.02)
     raise RuntimeError(f"cvmfsd not ready:\n{d.log_path.read_text()}")
@@ -162,13 +166,15 @@ def toml_config(env: Env, **overrides: Any) -> str:
 def start_daemon(env: Env) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(**overrides: Any) -> Daemon:
+    def start(*, process_env: dict[str, str] | None = None, cwd: Path = REPO_ROOT,
+              **overrides: Any) -> Daemon:
         cfg_path = env.tmp / f"cvmfsd-{len(started)}.toml"
         cfg_path.write_text(toml_config(env, **overrides))
         log_path = env.tmp / f"cvmfsd-{len(started)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "cvmfsd", "run", "-c", str(cfg_path)],
-                                    stdout=log, stderr=log, cwd=REPO_ROOT)
+                                    stdout=log, stderr=log, cwd=cwd,
+                                    env={**os.environ, **(process_env or {})})
         root = Path(overrides.get("root", env.tmp / "cvmfs"))
         d = Daemon(env, root, Path(overrides.get("run_dir", env.tmp / "run")), proc, log_path)
         started.append(d)
