@@ -1,0 +1,225 @@
+"""Run the benchmark: `python -m bench.run [--quick] [--only SCENARIO ...] [--out DIR]`.
+
+Needs root and /dev/fuse (it mounts). Everything it mounts lives below a private work directory
+(/tmp/cvmfsd-bench-*) and is unmounted at the end, also on Ctrl-C or an error; every process it
+starts is stopped by its pid. Writes results.json, results.md and PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import report, targets
+from .common import (
+    REPO_ROOT,
+    Progress,
+    Unavailable,
+    mounts_under,
+    reap_adopted,
+    set_child_subreaper,
+    umount_below,
+)
+from .scenarios import ORDER, QUICK, Context, Sizes
+from .systems import NAMES, Autofs
+from .systems.autofs import automount_version
+from .workspace import Workspace
+
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a CI smoke run (checks the harness, not speed)")
+    p.add_argument("--only", nargs="+", choices=ORDER, metavar="SCENARIO",
+                   help=f"run only these scenarios ({', '.join(ORDER)})")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="where results.json, results.md and the PNGs go (default bench/results)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one size, e.g. --set storm_procs=16 (see bench/README.md)")
+    p.add_argument("--systems", nargs="+", choices=NAMES, default=list(NAMES),
+                   help="systems to compare (direct is the baseline of every ratio)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="parent of the private work directory (default: the system temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, maps)")
+    return p.parse_args(argv)
+
+
+def _cmd(*argv: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+        return (done.stdout or done.stderr).strip()
+    return ""
+
+
+def _version(module: str) -> str | None:
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        return version(module)
+    with contextlib.suppress(Exception):
+        return str(importlib.import_module(module).__version__)
+    return None
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemTotal:")), 0)
+    distro = ""
+    with contextlib.suppress(OSError):
+        distro = next((line.split("=", 1)[1].strip('"')
+                       for line in Path("/etc/os-release").read_text().splitlines()
+                       if line.startswith("PRETTY_NAME=")), "")
+    return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu,
+            "memory_gib": round(mem_kib / (1 << 20), 1), "os": distro,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def versions(ws: Workspace) -> dict[str, Any]:
+    probe = ws.backend("versions")
+    standin = _cmd(str(probe.cvmfs2), "--version")
+    shutil.rmtree(probe.dir, ignore_errors=True)
+    return {
+        "python": platform.python_version(),
+        **{m: _version(m) for m in ("cvmfsd", "pyfuse3", "trio", "psutil", "structlog", "grpcio",
+                                    "matplotlib")},
+        "libfuse": _cmd("fusermount3", "-V"),
+        "automount": automount_version(),
+        "backend": f"cvmfs2 stand-in (tests/standin), reports: {standin}",
+        "git_commit": _cmd("git", "rev-parse", "HEAD"),
+        "git_dirty": bool(_cmd("git", "status", "--porcelain", "--", "cvmfsd", "csi", "bench",
+                               "tests/standin")),
+    }
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        print("bench: needs root and /dev/fuse (it mounts FUSE filesystems)", file=sys.stderr)
+        return 2
+    sizes = Sizes()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(sizes, name, value)
+    for assignment in args.set:
+        sizes.set(assignment)
+    selected = [s for s in ORDER if not args.only or s in args.only]
+
+    # A TERM (CI timeout, kill <pid>) unwinds like Ctrl-C: every finally below runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    set_child_subreaper()
+    progress = Progress()
+    started_at = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="cvmfsd-bench-", dir=args.workdir))
+    ws = Workspace(base, quick=args.quick)
+    unavailable: dict[str, str] = {}
+    if "autofs" in args.systems:
+        why = Autofs.available()
+        if why:
+            unavailable["autofs"] = why
+            progress.say(f"autofs baseline skipped: {why}")
+    names = tuple(n for n in NAMES if n in args.systems and n not in unavailable)
+    ctx = Context(ws, sizes, progress, args.quick, names, unavailable)
+    results: dict[str, Any] = {
+        "schema": 1,
+        "command": shlex.join(["python", "-m", "bench.run",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "started": started_at.isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": machine(),
+        "versions": versions(ws),
+        "sizes": {k: getattr(sizes, k) for k in vars(sizes)},
+        "systems": {"compared": list(names), "unavailable": unavailable},
+        "scenarios": {},
+    }
+    interrupted = False
+    try:
+        progress.say(f"work directory {base}; systems {', '.join(names)}; "
+                     f"scenarios {', '.join(selected)}")
+        info_done = False
+        for scenario in selected:
+            progress.begin(scenario, f"{scenario}{' (quick)' if args.quick else ''}")
+            s0 = time.monotonic()
+            module = importlib.import_module(f"bench.scenarios.{scenario}")
+            try:
+                result = module.run(ctx)
+                result["status"] = "ok"
+            except Unavailable as exc:
+                result = {"status": "skipped", "reason": str(exc)}
+            except KeyboardInterrupt:
+                results["scenarios"][scenario] = {"status": "interrupted"}
+                raise
+            except Exception as exc:
+                progress.say(f"FAILED: {exc!r}")
+                result = {"status": "failed", "error": repr(exc),
+                          "traceback": traceback.format_exc()[-4000:]}
+            result["seconds"] = round(time.monotonic() - s0, 1)
+            results["scenarios"][scenario] = result
+            reap_adopted()
+            if not info_done:
+                results["systems"]["details"] = _system_details(ws, names)
+                info_done = True
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.say("interrupted: cleaning up")
+    finally:
+        leaked = ctx.leaks + umount_below(base)
+        reap_adopted()
+        results["leaked_mounts"] = leaked
+        results["seconds"] = round(time.monotonic() - t0, 1)
+        results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        if not mounts_under(base) and not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+        elif args.keep:
+            progress.say(f"work directory kept: {base}")
+    results["targets"] = targets.evaluate(results)
+    results["reference"] = targets.REFERENCE
+    progress.scenario = "report"
+    paths = report.write(results, args.out)
+    for path in paths:
+        progress.say(f"wrote {path}")
+    if interrupted:
+        return 130
+    failed = [s for s, r in results["scenarios"].items() if r.get("status") != "ok"]
+    if failed or leaked:
+        progress.say(f"not clean: failed {failed}, leaked mounts {leaked}")
+        return 1
+    return 0
+
+
+def _system_details(ws: Workspace, names: tuple[str, ...]) -> dict[str, Any]:
+    from .systems import make
+
+    out = {}
+    for name in names:
+        system = make(name, ws, "info")
+        out[name] = system.info()
+        shutil.rmtree(system.dir, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Cold first access: the time from the first stat of /cvmfs/<repo>/README to its answer.
+
+Per repetition and per system (interleaved: direct, autofs, cvmfsd, direct, ...) a fresh,
+never-mounted repository. Each stat comes from a fresh worker process that never touched the path.
+
+- direct: the harness boots the repository by hand (launch time = the backend's own boot time),
+  then a worker stats the file: first access = boot + first stat.
+- autofs, cvmfsd: a worker stats the file; the automounter boots the repository meanwhile.
+
+The automounter's overhead is reported two ways:
+- literal: median(first access) - median(direct boot + first stat);
+- per access: first access - the run time of the cvmfs2 launcher inside it (stamped by the
+  counting wrapper), minus the same for direct. Boots vary by several ms from one to the next;
+  taking each access's own boot out leaves what the automounter adds, with far less noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..common import percentile, run_worker, summary
+from ..systems import Cvmfsd, Direct
+from ..workspace import COLD_FILE, DOMAIN
+from . import Context, ms, started
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    names = ctx.systems
+    reps = ctx.sizes.cold_reps
+    repos = {(i, n): ctx.ws.tiny(f"cold{i:03d}-{n}.{DOMAIN}") for i in range(reps) for n in names}
+    total: dict[str, list[float]] = {n: [] for n in names}
+    outside: dict[str, list[float]] = {n: [] for n in names}
+    launcher: dict[str, list[float]] = {n: [] for n in names}
+    errors = dict.fromkeys(names, 0)
+    boot_ms: list[float] = []
+    first_stat_ms: list[float] = []
+    with started(ctx, names, "cold") as systems:
+        for i in range(reps):
+            line = []
+            for name in names:
+                system = systems[name]
+                repo = repos[(i, name)]
+                path = system.path(repo) / COLD_FILE
+                boot = 0.0
+                if isinstance(system, Direct):
+                    boot = ms(system.mount(repo))
+                result = run_worker("cold", str(path))
+                if result["errno"]:
+                    errors[name] += 1
+                    line.append(f"{name} errno {result['errno']}")
+                    continue
+                took = boot + ms(result["ns"])
+                inner = system.backend.launcher_ms(repo)
+                total[name].append(took)
+                if inner is not None:
+                    launcher[name].append(inner)
+                    outside[name].append(round(took - inner, 4))
+                if isinstance(system, Direct):
+                    boot_ms.append(boot)
+                    first_stat_ms.append(ms(result["ns"]))
+                line.append(f"{name} {took:.1f}")
+            ctx.say(f"rep {i + 1}/{reps}: " + ", ".join(line) + " ms")
+        boots = {n: len(systems[n].boots()) for n in names}
+        mount_log_ms = []
+        daemon = systems.get("cvmfsd")
+        if isinstance(daemon, Cvmfsd):  # cvmfsd's own view: boot + attach, from its JSON log
+            mount_log_ms = [r["duration_ms"] for r in daemon.mount_attempts()
+                            if r.get("result") == "mounted"]
+    direct_total = percentile(total.get("direct", []), 50)
+    direct_outside = percentile(outside.get("direct", []), 50)
+    per_system: dict[str, Any] = {}
+    for name in names:
+        per_system[name] = {
+            "first_access_ms": summary(total[name]),
+            "samples_ms": total[name],
+            "launcher_ms": summary(launcher[name]),
+            "outside_launcher_ms": summary(outside[name]),
+            "outside_samples_ms": outside[name],
+            "boots": boots[name],
+            "errors": errors[name],
+        }
+        if name != "direct" and "direct" in names:
+            per_system[name]["overhead_ms"] = round(
+                percentile(outside[name], 50) - direct_outside, 4)
+            per_system[name]["overhead_literal_ms"] = round(
+                percentile(total[name], 50) - direct_total, 4)
+            # Spread of the per-access estimate: each access against the direct median.
+            spread = [v - direct_outside for v in outside[name]]
+            per_system[name]["overhead_range_ms"] = [round(min(spread), 4),
+                                                     round(max(spread), 4)] if spread else None
+    return {
+        "params": {"reps": reps, "file": COLD_FILE, "order": list(names)},
+        "backend_boot_ms": summary(boot_ms),
+        "direct_first_stat_ms": summary(first_stat_ms),
+        "cvmfsd_logged_mount_ms": summary(mount_log_ms),
+        "systems": per_system,
+    }

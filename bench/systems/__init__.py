@@ -1,0 +1,20 @@
+"""The three systems under test, behind one interface (base.System)."""
+
+from __future__ import annotations
+
+from ..workspace import Workspace
+from .autofs import Autofs
+from .base import System
+from .cvmfsd import Cvmfsd
+from .direct import Direct
+
+NAMES = ("direct", "autofs", "cvmfsd")
+
+
+def make(name: str, ws: Workspace, tag: str = "", **kw: object) -> System:
+    """A fresh, not yet set up, instance of system *name* with its own directory below ws."""
+    cls: type[System] = {"direct": Direct, "autofs": Autofs, "cvmfsd": Cvmfsd}[name]
+    return cls(ws, tag, **kw)
+
+
+__all__ = ["NAMES", "Autofs", "Cvmfsd", "Direct", "System", "make"]

@@ -1,0 +1,100 @@
+"""cvmfsd itself, started as tests/conftest.py does: `python -m cvmfsd run -c cfg.toml`, JSON logs
+on stderr, ready when the `"event": "ready"` line appears. Idle expiry is off while measuring
+(expire_timeout = 0); every other setting is the default unless a scenario overrides it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..common import PY, REPO_ROOT, stop_process, umount_below
+from ..workspace import Workspace
+from .base import System
+
+
+class Cvmfsd(System):
+    name = "cvmfsd"
+
+    def __init__(self, ws: Workspace, tag: str = "", **overrides: Any) -> None:
+        super().__init__(ws, tag)
+        self.run_dir = self.dir / "run"
+        self.overrides = overrides
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "cvmfsd.log"
+        self.config_path = self.dir / "cvmfsd.toml"
+
+    def config(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "root": str(self.mount_dir), "run_dir": str(self.run_dir),
+            "cvmfs2": str(self.backend.cvmfs2),
+            "cvmfs2_config": [str(self.backend.client_config)],
+            "log_format": "json", "expire_timeout": 0,
+        }
+        values.update(self.overrides)
+        return values
+
+    def setup(self, repos: Sequence[str] = ()) -> None:
+        self.config_path.write_text(
+            "\n".join(f"{k} = {json.dumps(v)}" for k, v in self.config().items()) + "\n")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([PY, "-m", "cvmfsd", "run", "-c", str(self.config_path)],
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         cwd=REPO_ROOT)
+        deadline = time.monotonic() + 30
+        while not self.events("ready"):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cvmfsd exited {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cvmfsd not ready: {self.log.read_text()[-2000:]}")
+            time.sleep(0.01)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        if not self.log.exists():
+            return out
+        for line in self.log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or record.get("event") == name:
+                out.append(record)
+        return out
+
+    def mount_attempts(self, repo: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in self.events("mount") if repo is None or r.get("repo") == repo]
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def teardown(self) -> list[str]:
+        for record in self.mount_attempts():
+            if record.get("serving_pid"):
+                self.serving_pids.add(int(record["serving_pid"]))
+        if self.proc is not None:
+            # SIGTERM: cvmfsd unmounts every repository, stops their cvmfs2, unmounts its root.
+            stop_process(self.proc, signal.SIGTERM, timeout=90)
+        leaked = self._finish()
+        leaked += umount_below(self.run_dir)  # the private staging tmpfs, if it was left
+        return leaked
+
+    def version(self) -> str:
+        with contextlib.suppress(Exception):
+            out = subprocess.run([PY, "-c", "import cvmfsd; print(cvmfsd.__version__)"],
+                                 capture_output=True, text=True, cwd=REPO_ROOT).stdout
+            return out.strip()
+        return "?"
+
+    def info(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in self.config().items() if k not in ("root", "run_dir", "cvmfs2",
+                                                                    "cvmfs2_config")}
+        return {"name": self.name, "version": self.version(), "config": cfg}
+
+
+__all__ = ["Cvmfsd"]
