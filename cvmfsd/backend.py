@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import time
@@ -14,22 +15,55 @@ import trio
 from .children import Children
 from .config import Config
 from .errors import BootFailed, BootTimeout, MountError
-from .names import check_syntax
+from .names import Pin, check_syntax
 
 # What the system mount helper and the official service container pass (interface §1);
 # libfuse=3 because only the fuse3 library supports the mount-namespace tricks this design needs.
 BASE_OPTIONS = ("fsname=cvmfs2", "system_mount", "allow_other", "grab_mountpoint", "libfuse=3")
 TALK_LIMIT = 512
+ETC = Path("/etc/cvmfs")
 
 
-def argv(cfg: Config, fqrn: str, mountpoint: Path) -> list[str]:
+def argv(cfg: Config, fqrn: str, mountpoint: Path, pin_config: Path | None = None,
+         etc: Path = ETC) -> list[str]:
     """The exact command line. fqrn must already be validated; this re-checks, since a name that
     reached here unchecked could otherwise become an option ('-o') or split one (',')."""
     check_syntax(fqrn)
     options = list(BASE_OPTIONS)
-    if cfg.cvmfs2_config:
-        options.append("config=" + ":".join(str(p) for p in cfg.cvmfs2_config))
+    files = list(cfg.cvmfs2_config)
+    if pin_config is not None:
+        # `config=` replaces the node's hierarchy, so a pinned instance lists it explicitly.
+        files = (files or hierarchy_files(etc, fqrn)) + [pin_config]
+    if files:
+        if any(c in str(f) for f in files for c in ":,"):
+            raise ValueError("a cvmfs config path contains ':' or ','")
+        options.append("config=" + ":".join(str(p) for p in files))
     return [str(cfg.cvmfs2), "-o", ",".join(options), fqrn, str(mountpoint)]
+
+
+def hierarchy_files(etc: Path, fqrn: str) -> list[Path]:
+    """The node's configuration files cvmfs2 reads for fqrn without `config=`, in its order
+    (interface §4), those that exist. The config repository's copies are not included: they
+    are read through the root, which a pinned instance's boot must not depend on."""
+    domain = fqrn.partition(".")[2]
+    candidates = [etc / "default.conf", *sorted((etc / "default.d").glob("*.conf")),
+                  etc / "default.local", etc / "domain.d" / f"{domain}.conf",
+                  etc / "domain.d" / f"{domain}.local", etc / "config.d" / f"{fqrn}.conf",
+                  etc / "config.d" / f"{fqrn}.local"]
+    return [p for p in candidates if p.is_file()]
+
+
+def write_pin_config(cfg: Config, name: str, pin: Pin) -> Path:
+    """A pinned instance's own parameters: the pin, and a workspace (cache base, reload
+    sockets) of its own, since two instances of a repository cannot share one (interface §8).
+    Blocking. Values are validated names and pins: nothing here needs shell quoting."""
+    ident = hashlib.sha1(name.encode()).hexdigest()[:16]  # paths free of ':' and ','
+    base = cfg.snapshot_dir / ident
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = base / "pin.conf"
+    path.write_text(f"{pin.parameter}={pin.value}\nCVMFS_CACHE_BASE={base / 'cache'}\n"
+                    f"CVMFS_RELOAD_SOCKETS={base / 'reload'}\n")
+    return path
 
 
 @dataclass(frozen=True)
@@ -47,7 +81,8 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path) -> Booted:
+async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path,
+               pin_config: Path | None = None) -> Booted:
     """Run the cvmfs2 launcher; return once it exited 0, i.e. the kernel mount exists.
 
     Output goes to anonymous memory files, not pipes: the daemonized grandchild must not be able
@@ -57,7 +92,7 @@ async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path) -> 
     err = os.memfd_create("cvmfs2-stderr", os.MFD_CLOEXEC)
     try:
         started = time.monotonic()
-        pid = children.spawn(argv(cfg, fqrn, mountpoint), stdout=out, stderr=err)
+        pid = children.spawn(argv(cfg, fqrn, mountpoint, pin_config), stdout=out, stderr=err)
         try:
             with trio.move_on_after(cfg.mount_timeout) as timeout:
                 status = await children.wait(pid)

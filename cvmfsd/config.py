@@ -28,6 +28,9 @@ class Config:
     run_dir: Path = Path("/run/cvmfsd")
     # The CernVM-FS client. Production: /usr/bin/cvmfs2 from the cvmfs package.
     cvmfs2: Path = Path("/usr/bin/cvmfs2")
+    # Workspaces (cache base, sockets) of pinned snapshot instances: two instances of one
+    # repository cannot share a workspace.
+    snapshot_dir: Path = Path("/var/lib/cvmfsd/snapshots")
     # Empty: cvmfs2 reads the node's /etc/cvmfs hierarchy (and the config repository).
     # Otherwise exactly these files, passed as `-o config=a:b` (no /etc defaults).
     cvmfs2_config: tuple[Path, ...] = ()
@@ -103,7 +106,7 @@ class Config:
         return parse_listen(self.metrics_listen) if self.metrics_listen else None
 
 
-_PATHS = {"root", "run_dir", "cvmfs2"}
+_PATHS = {"root", "run_dir", "cvmfs2", "snapshot_dir"}
 _FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait", "expire_timeout",
            "expire_min_age", "reconcile_interval", "restart_window"}
 _INTS = {"max_concurrent_boots", "fuse_max_tasks", "max_mounted", "restart_burst"}
@@ -166,6 +169,8 @@ def _validate(cfg: Config) -> Config:
         problems.append("log_format must be auto, json or console")
     if cfg.root == Path("/") or cfg.root == cfg.run_dir or cfg.run_dir.is_relative_to(cfg.root):
         problems.append("run_dir must lie outside root, and root must not be /")
+    if cfg.snapshot_dir.is_relative_to(cfg.root):
+        problems.append("snapshot_dir must lie outside root")
     for path in cfg.cvmfs2_config:
         # These become one `-o config=a:b` option: a ':' or ',' would split it, '=' is confusing.
         if any(c in str(path) for c in ":,=\n"):

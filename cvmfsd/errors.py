@@ -16,6 +16,7 @@ EXIT_MEANINGS: dict[int, str] = {
 }
 # Exit 16 is what a repository that does not exist (or cannot be reached) produces.
 NO_SUCH_REPOSITORY = 16
+NO_SUCH_SNAPSHOT = 22  # history: no such tag or date
 STDERR_TAIL = 2048
 
 
@@ -48,7 +49,7 @@ class BootFailed(MountError):
         if last:
             message += f": {last[0]}"
         super().__init__(message, exit_code=exit_code, stderr=stderr)
-        if exit_code == NO_SUCH_REPOSITORY:
+        if exit_code in (NO_SUCH_REPOSITORY, NO_SUCH_SNAPSHOT):
             self.errno = errno.ENOENT
 
 

@@ -22,8 +22,11 @@ from .config import Config
 from .errors import MountError
 from .lifecycle import State
 from .mounter import Mounter
-from .names import InvalidName, check
-from .registry import ROOT_INODE, Registry, Repo
+from .names import SNAPSHOTS_DIR, InvalidName, check, parse_snapshot
+from .registry import ROOT_INODE, SNAPSHOTS_INODE, Registry, Repo
+
+# Directories of our own (never covered by a mount): cached like the root.
+_DIRS = {ROOT_INODE: 0o755, SNAPSHOTS_INODE: 0o555}
 
 log = structlog.get_logger("cvmfsd.fs")
 
@@ -84,8 +87,8 @@ class RootOperations(pyfuse3.Operations):
         attr.attr_timeout = timeout
         return attr
 
-    def _root_attrs(self) -> pyfuse3.EntryAttributes:
-        return self._attrs(ROOT_INODE, 0o755, FOREVER)
+    def _dir_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode, _DIRS[inode], FOREVER)
 
     def _entry(self, repo: Repo) -> pyfuse3.EntryAttributes:
         # Every reply for a name (LOOKUP, readdirplus, GETATTR) must be identical, or the kernel
@@ -121,7 +124,7 @@ class RootOperations(pyfuse3.Operations):
     @fuse_boundary
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if parent_inode != ROOT_INODE:
+        if parent_inode not in _DIRS:
             # A child of a covered inode: the kernel holds that inode's lock, which the attach
             # needs, so never wait here (DESIGN.md §2).
             raise _fail(errno.ESTALE if self.registry.by_inode(parent_inode) else errno.ENOENT)
@@ -129,15 +132,23 @@ class RootOperations(pyfuse3.Operations):
             text = name.decode("ascii")
         except UnicodeDecodeError:
             raise _fail(errno.ENOENT) from None
+        if parent_inode == ROOT_INODE and text == SNAPSHOTS_DIR:
+            return self._dir_attrs(SNAPSHOTS_INODE)
         repo = self.registry.get(text)
+        if repo is not None and (repo.pin is not None) != (parent_inode == SNAPSHOTS_INODE):
+            raise _fail(errno.ENOENT)
         if repo is None:
             if self.mounter.closing:
                 raise _fail(errno.ENOENT)
             try:
-                check(text, self.cfg.policy)
+                if parent_inode == SNAPSHOTS_INODE:
+                    fqrn, pin = parse_snapshot(text, self.cfg.policy)
+                    repo = self.registry.add(text, fqrn, pin)
+                else:
+                    check(text, self.cfg.policy)
+                    repo = self.registry.add(text)
             except InvalidName:
                 raise _fail(errno.ENOENT) from None
-            repo = self.registry.add(text)
         # Never an error for a name that is mounted or booting: that would detach it (§4).
         self.mounter.request(repo)
         return self._entry(repo)
@@ -153,28 +164,30 @@ class RootOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode == ROOT_INODE:
-            return self._root_attrs()
+        if inode in _DIRS:
+            return self._dir_attrs(inode)
         repo = await self._through_covered_inode(inode, ctx)
         return self._attrs(repo.inode, 0o555, 0)
 
     @fuse_boundary
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        if inode != ROOT_INODE:
+        if inode not in _DIRS:
             await self._through_covered_inode(inode, ctx)
         return not mode & 0o2  # read-only
 
     @fuse_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != ROOT_INODE:
+        if inode not in _DIRS:
             await self._through_covered_inode(inode, ctx)
         return inode
 
     @fuse_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if fh != ROOT_INODE:
+        if fh not in _DIRS:
             raise _fail(errno.ESTALE)  # never wait: the kernel holds the directory lock
-        for repo in self.registry.mounted():
+        # The root lists live repositories only: users who never ask for a snapshot never
+        # see one. .snapshots lists the pinned instances that are mounted.
+        for repo in self.registry.mounted(pinned=fh == SNAPSHOTS_INODE):
             if repo.inode <= start_id:
                 continue
             if not pyfuse3.readdir_reply(token, repo.name.encode(), self._entry(repo),
@@ -189,13 +202,13 @@ class RootOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode != ROOT_INODE:
+        if inode not in _DIRS:
             await self._through_covered_inode(inode, ctx)
         raise _fail(pyfuse3.ENOATTR)
 
     @fuse_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        if inode != ROOT_INODE:
+        if inode not in _DIRS:
             await self._through_covered_inode(inode, ctx)
         return []
 
@@ -203,14 +216,14 @@ class RootOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        raise _fail(errno.ESTALE if inode != ROOT_INODE else errno.EROFS)
+        raise _fail(errno.ESTALE if inode not in _DIRS else errno.EROFS)
 
     @fuse_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         data.f_blocks = data.f_bfree = data.f_bavail = 0
-        data.f_files = len(self.registry.mounted()) + 1
+        data.f_files = len(self.registry.mounted()) + len(_DIRS)
         data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data

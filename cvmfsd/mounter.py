@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import signal
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ class Mounter:
         return self._limiter
 
     async def _mount(self, repo: Repo) -> None:
-        staging = self.cfg.staging_dir / repo.name
+        staging = self.cfg.staging_dir / _staging_name(repo)
         started = trio.current_time()
         process: Tracked | None = None
         error: MountError | None = None
@@ -99,8 +100,12 @@ class Mounter:
             try:
                 async with self._limit(repo):
                     await trio.to_thread.run_sync(_make_dir, staging)
-                    await backend.boot(self.cfg, self.children, repo.name, staging)
-                    process = await trio.to_thread.run_sync(self._attach, repo.name, staging)
+                    pin_config = None
+                    if repo.pin is not None:
+                        pin_config = await trio.to_thread.run_sync(
+                            backend.write_pin_config, self.cfg, repo.name, repo.pin)
+                    await backend.boot(self.cfg, self.children, repo.fqrn, staging, pin_config)
+                    process = await trio.to_thread.run_sync(self._attach, repo, staging)
             except MountError as exc:
                 error = exc
             except Exception as exc:  # a bug, not a repository problem: fail this mount visibly
@@ -123,21 +128,21 @@ class Mounter:
         self._log_attempt(repo, started, process.pid, None)
         self.watch(repo, process)
 
-    def _attach(self, name: str, staging: Path) -> Tracked:
+    def _attach(self, repo: Repo, staging: Path) -> Tracked:
         """Worker thread: check what booted, then move it into place."""
         self.registry.enter_own_thread()
         try:
             fqrn = backend.mounted_fqrn(staging)
-            if fqrn != name:
-                raise AttachFailed(f"cvmfs2 mounted {fqrn!r} for {name!r}")
+            if fqrn != repo.fqrn:
+                raise AttachFailed(f"cvmfs2 mounted {fqrn!r} for {repo.fqrn!r}")
             process = Tracked.open(backend.serving_pid(staging))
             try:
-                kernel.move_mount(staging, self.cfg.root / name)
+                kernel.move_mount(staging, self.cfg.root / repo.path)
             except OSError:
                 process.close()
                 raise
         except OSError as exc:
-            raise AttachFailed(f"attach of {name} failed: {exc}") from exc
+            raise AttachFailed(f"attach of {repo.name} failed: {exc}") from exc
         finally:
             self.registry.leave_own_thread()
         with contextlib.suppress(OSError):
@@ -170,7 +175,7 @@ class Mounter:
         """Detach a dead mount; the next access mounts the repository again."""
         process = repo.process
         lived = trio.current_time() - (repo.mounted_at or trio.current_time())
-        await trio.to_thread.run_sync(self._detach, repo.name)
+        await trio.to_thread.run_sync(self._detach, repo.path)
         if repo.state is not State.MOUNTED or repo.process is not process:
             return
         self.registry.died(repo, BackendDied(f"{why} after {lived:.1f} s"), trio.current_time(),
@@ -181,11 +186,11 @@ class Mounter:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)
 
-    def _detach(self, name: str) -> None:
+    def _detach(self, path: str) -> None:
         self.registry.enter_own_thread()
         try:
             with contextlib.suppress(OSError):
-                kernel.umount(self.cfg.root / name, kernel.MNT_DETACH)
+                kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
         finally:
             self.registry.leave_own_thread()
 
@@ -197,7 +202,7 @@ class Mounter:
         process = repo.process
         self.registry.begin_unmount(repo)
         try:
-            done = await trio.to_thread.run_sync(self._umount, repo.name, lazy)
+            done = await trio.to_thread.run_sync(self._umount, repo.path, lazy)
         except OSError as exc:
             log.error("umount_failed", repo=repo.name, error=str(exc))
             done = False
@@ -213,18 +218,18 @@ class Mounter:
             self._nursery.start_soon(process.stop, STOP_GRACE)
         return True
 
-    def _umount(self, name: str, lazy_if_busy: bool) -> bool:
-        """Worker thread: unmount <root>/<name>. False when busy and not lazy."""
+    def _umount(self, path: str, lazy_if_busy: bool) -> bool:
+        """Worker thread: unmount <root>/<path>. False when busy and not lazy."""
         self.registry.enter_own_thread()
         try:
-            kernel.umount(self.cfg.root / name)
+            kernel.umount(self.cfg.root / path)
         except OSError as exc:
             if exc.errno != errno.EBUSY or not lazy_if_busy:
                 if exc.errno == errno.EBUSY:
                     return False
                 raise
-            kernel.umount(self.cfg.root / name, kernel.MNT_DETACH)
-            log.warning("umount_lazy", repo=name, reason="busy; detached lazily")
+            kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
+            log.warning("umount_lazy", repo=path, reason="busy; detached lazily")
         finally:
             self.registry.leave_own_thread()
         return True
@@ -271,6 +276,13 @@ def _exit_text(code: int | None) -> str:
     if code < 0:
         return f"killed by signal {signal.Signals(-code).name}"
     return f"exited with status {code}"
+
+
+def _staging_name(repo: Repo) -> str:
+    # A snapshot's name holds '@', '=' and ':'; its staging path is on cvmfs2's command line.
+    if repo.pin is None:
+        return repo.name
+    return "pin-" + hashlib.sha1(repo.name.encode()).hexdigest()[:16]
 
 
 def _make_dir(path: Path) -> None:

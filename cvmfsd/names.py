@@ -59,3 +59,61 @@ def check(name: str, policy: NamePolicy) -> None:
     if not policy.permits(name):
         raise InvalidName("not allowed by the node's repository policy")
 
+
+
+# --- pinned snapshots: <root>/.snapshots/<fqrn>@<kind>=<value> ---------------------------------
+SNAPSHOTS_DIR = ".snapshots"
+_PIN_RULES = {
+    # cvmfs tag names; no leading dot or dash, so a value can never read as an option.
+    "tag": re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"),
+    # A catalog root hash: SHA-1 hex, optionally with the algorithm suffix cvmfs appends.
+    "hash": re.compile(r"[0-9a-f]{40}(?:-(?:rmd160|shake128))?"),
+    # CVMFS_REPOSITORY_DATE: ISO 8601 UTC timestamp.
+    "date": re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z"),
+}
+PIN_PARAMETERS = {"tag": "CVMFS_REPOSITORY_TAG", "hash": "CVMFS_ROOT_HASH",
+                  "date": "CVMFS_REPOSITORY_DATE"}
+
+
+@dataclass(frozen=True)
+class Pin:
+    kind: str   # tag, hash or date
+    value: str
+
+    @property
+    def parameter(self) -> str:
+        return PIN_PARAMETERS[self.kind]
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value}"
+
+
+def check_pin(kind: str, value: str) -> Pin:
+    rule = _PIN_RULES.get(kind)
+    if rule is None:
+        raise InvalidName(f"unknown pin {kind!r} (tag, hash or date)")
+    if rule.fullmatch(value) is None:
+        raise InvalidName(f"{kind} {value!r} is not a valid {kind}")
+    if kind == "date":
+        import datetime as dt
+
+        try:
+            dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            raise InvalidName(f"date {value!r} does not exist") from None
+    return Pin(kind, value)
+
+
+def parse_snapshot(name: str, policy: NamePolicy) -> tuple[str, Pin]:
+    """`<fqrn>@<kind>=<value>` -> (fqrn, pin); InvalidName unless every part is valid."""
+    fqrn, at, pin = name.partition("@")
+    kind, eq, value = pin.partition("=")
+    if not at or not eq:
+        raise InvalidName("a snapshot is named <repository>@tag=<tag>, @hash=<root hash> or "
+                          "@date=<YYYY-MM-DDTHH:MM:SSZ>")
+    check(fqrn, policy)
+    return fqrn, check_pin(kind, value)
+
+
+def snapshot_name(fqrn: str, pin: Pin) -> str:
+    return f"{fqrn}@{pin}"

@@ -40,7 +40,7 @@ def classify(path: Path, entries: list[kernel.MountEntry], process_alive: bool |
 
 async def probe(registry: Registry, root: Path, repo: Repo, entries: list[kernel.MountEntry],
                 timeout: float = 2.0) -> Observed:
-    path = root / repo.name
+    path = root / repo.path
     if not kernel.mounts_at(str(path), entries):
         return Observed.NOT_MOUNTED
     alive = None if repo.process is None else not repo.process.exited.is_set()

@@ -15,14 +15,18 @@ import trio
 from .children import Tracked
 from .errors import MountError
 from .lifecycle import Event, State, backoff, crash_loop, may_boot, next_state
+from .names import SNAPSHOTS_DIR, Pin
 
 ROOT_INODE = 1
+SNAPSHOTS_INODE = 2  # <root>/.snapshots: pinned instances; not listed in the root
 
 
 @dataclass
 class Repo:
-    name: str
+    name: str   # the path component: a repository name, or <fqrn>@<pin> for a snapshot
     inode: int
+    fqrn: str = ""
+    pin: Pin | None = None
     state: State = State.IDLE
     boots: int = 0
     failures: int = 0              # consecutive
@@ -40,6 +44,14 @@ class Repo:
     # Set when the current boot settles (mounted or failed); replaced for each boot.
     settled: trio.Event = field(default_factory=trio.Event)
 
+    def __post_init__(self) -> None:
+        self.fqrn = self.fqrn or self.name
+
+    @property
+    def path(self) -> str:
+        """Where it is mounted, relative to the root."""
+        return self.name if self.pin is None else f"{SNAPSHOTS_DIR}/{self.name}"
+
     @property
     def serving_pid(self) -> int | None:
         return self.process.pid if self.process else None
@@ -53,7 +65,7 @@ class Registry:
                  restart_burst: int = 10) -> None:
         self._by_name: dict[str, Repo] = {}
         self._by_inode: dict[int, Repo] = {}
-        self._next_inode = ROOT_INODE + 1
+        self._next_inode = SNAPSHOTS_INODE + 1
         self._backoff = (backoff_initial, backoff_max)
         self._restart = (restart_window, restart_burst)
         # Kernel thread ids of the daemon's own mount workers: their FUSE requests are answered
@@ -67,8 +79,8 @@ class Registry:
     def by_inode(self, inode: int) -> Repo | None:
         return self._by_inode.get(inode)
 
-    def add(self, name: str) -> Repo:
-        repo = Repo(name=name, inode=self._next_inode)
+    def add(self, name: str, fqrn: str = "", pin: Pin | None = None) -> Repo:
+        repo = Repo(name=name, inode=self._next_inode, fqrn=fqrn, pin=pin)
         self._next_inode += 1
         self._by_name[name] = repo
         self._by_inode[repo.inode] = repo
@@ -77,8 +89,10 @@ class Registry:
     def __iter__(self) -> Iterator[Repo]:
         return iter(list(self._by_name.values()))
 
-    def mounted(self) -> list[Repo]:
-        return sorted((r for r in self._by_name.values() if r.state is State.MOUNTED),
+    def mounted(self, pinned: bool | None = None) -> list[Repo]:
+        """Mounted repositories (pinned=False: live ones only, True: snapshots only)."""
+        return sorted((r for r in self._by_name.values() if r.state is State.MOUNTED
+                       and (pinned is None or (r.pin is not None) == pinned)),
                       key=lambda r: r.inode)
 
     def may_boot(self, repo: Repo, now: float) -> bool:

@@ -19,7 +19,7 @@ import structlog
 
 from . import backend, kernel
 from .config import Config
-from .names import InvalidName, check
+from .names import SNAPSHOTS_DIR, InvalidName, Pin, check, parse_snapshot
 from .rootmount import ours
 
 log = structlog.get_logger("cvmfsd.takeover")
@@ -36,6 +36,12 @@ class Found:
     name: str
     fd: int
     pid: int
+    fqrn: str
+    pin: Pin | None = None
+
+    @property
+    def path(self) -> str:
+        return self.name if self.pin is None else f"{SNAPSHOTS_DIR}/{self.name}"
 
 
 @dataclass
@@ -72,8 +78,13 @@ def _inspect(cfg: Config, path: str, mount_id: int) -> Found | None:
     """Open a repository mount through the dead root's cached dentries and check that it is a
     live cvmfs2 mount of the repository its name says."""
     name = os.path.basename(path)
+    pin = None
     try:
-        check(name, cfg.policy)
+        if os.path.dirname(path) == str(cfg.root / SNAPSHOTS_DIR):
+            fqrn, pin = parse_snapshot(name, cfg.policy)
+        else:
+            check(name, cfg.policy)
+            fqrn = name
     except InvalidName:
         return None
     try:
@@ -84,11 +95,11 @@ def _inspect(cfg: Config, path: str, mount_id: int) -> Found | None:
         if kernel.mount_id_of_fd(fd) != mount_id:
             raise OSError("not the mount mountinfo lists")
         via_fd = Path(f"/proc/self/fd/{fd}")
-        if backend.mounted_fqrn(via_fd) != name:
+        if backend.mounted_fqrn(via_fd) != fqrn:
             raise OSError("serves another repository")
         pid = backend.serving_pid(via_fd)
         os.kill(pid, 0)
-        return Found(name, fd, pid)
+        return Found(name, fd, pid, fqrn, pin)
     except (OSError, ValueError):
         os.close(fd)
         return None
@@ -111,8 +122,9 @@ def plan(cfg: Config) -> Plan | None:
         raise TakeoverRefused(f"{root} is served by a running cvmfsd already")
     # The visible repository mount for each name is the last one listed at that path.
     top: dict[str, kernel.MountEntry] = {}
+    parents = {root, str(cfg.root / SNAPSHOTS_DIR)}
     for entry in below:
-        if os.path.dirname(entry.mountpoint) == root:
+        if os.path.dirname(entry.mountpoint) in parents:
             top[entry.mountpoint] = entry
     adopt, stale = [], []
     for path, entry in top.items():
@@ -122,7 +134,7 @@ def plan(cfg: Config) -> Plan | None:
         else:
             adopt.append(found)
     stale += [e.mountpoint for e in below if e.mountpoint not in top or
-              os.path.dirname(e.mountpoint) != root]
+              os.path.dirname(e.mountpoint) not in parents]
     return Plan(adopt, sorted(set(stale)), len(at_root))
 
 

@@ -72,7 +72,7 @@ class Upkeep:
         assert repo.mounted_at is not None
         if now - repo.mounted_at < self.cfg.expire_min_age:
             return
-        path = self.cfg.root / repo.name
+        path = self.cfg.root / repo.path
         nopen = await trio.to_thread.run_sync(read_idle_counter, self.registry, path)
         if repo.state is not State.MOUNTED:
             return

@@ -155,6 +155,7 @@ def _wait_ready(d: Daemon, timeout: float = 20, count: int = 1) -> None:
 def toml_config(env: Env, **overrides: Any) -> str:
     values: dict[str, Any] = {
         "root": str(env.tmp / "cvmfs"), "run_dir": str(env.tmp / "run"),
+        "snapshot_dir": str(env.tmp / "snapshots"),
         "cvmfs2": str(env.cvmfs2), "cvmfs2_config": [str(env.client_config)],
         "log_format": "json", "mount_timeout": 20.0,
     }

@@ -1,0 +1,136 @@
+"""Pinned snapshots: <root>/.snapshots/<fqrn>@tag=<tag> (or @hash=, @date=) mounted on first
+lookup by a cvmfs2 of their own, beside the live repository."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+import pytest
+from conftest import Daemon, Env, exited, mounts_under, reap
+from podview import PodView
+from standin.kit import make_repo, root_hash
+
+from cvmfsd.names import InvalidName, NamePolicy, parse_snapshot
+
+REPO = "sw.cern.ch"
+
+
+def v(n: int) -> dict[str, bytes | str]:
+    return {"VERSION": f"release {n}\n", "bin/tool": f"#!/bin/sh\necho {n}\n"}
+
+
+@pytest.fixture
+def versioned(env: Env) -> Env:
+    make_repo(env.server, REPO, v(1), revision=1, tags={"v1": "2024-01-01T00:00:00Z"})
+    make_repo(env.server, REPO, v(2), revision=2, tags={"v2": "2025-01-01T00:00:00Z"})
+    make_repo(env.server, REPO, v(3), revision=3)
+    return env
+
+
+def snap(d: Daemon, pin: str) -> os.PathLike[str]:
+    return d.root / ".snapshots" / f"{REPO}@{pin}"
+
+
+def test_pinned_and_live_side_by_side(versioned: Env, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon()
+    assert (d.path(REPO) / "VERSION").read_text() == "release 3\n"
+    assert (snap(d, "tag=v1") / "VERSION").read_text() == "release 1\n"
+    assert (snap(d, "date=2025-06-01T00:00:00Z") / "VERSION").read_text() == "release 2\n"
+    hash2 = root_hash(versioned.server, REPO, 2)
+    assert (snap(d, f"hash={hash2}") / "VERSION").read_text() == "release 2\n"
+    assert os.getxattr(snap(d, "tag=v1"), "user.revision") == b"1"
+    # The root's listing does not change; the snapshots directory lists the pinned instances.
+    assert os.listdir(d.root) == [REPO]
+    assert sorted(os.listdir(d.root / ".snapshots")) == sorted(
+        [f"{REPO}@tag=v1", f"{REPO}@date=2025-06-01T00:00:00Z", f"{REPO}@hash={hash2}"])
+    assert versioned.boots().count(REPO) == 4  # the live one and three pinned instances
+    attempts = {a["repo"] for a in d.mount_attempts()}
+    assert f"{REPO}@tag=v1" in attempts
+
+
+def test_bad_tag_is_a_clear_error_without_retry_storm(versioned: Env, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon(backoff_initial=10.0)
+    for _ in range(50):
+        with pytest.raises(FileNotFoundError):
+            os.stat(snap(d, "tag=nope"))
+    assert versioned.boots().count(REPO) == 1
+    attempt, = d.mount_attempts(f"{REPO}@tag=nope")
+    assert attempt["exit_code"] == 22
+    assert "(22 - " in attempt["stderr_tail"]
+
+
+@pytest.mark.parametrize("name", [
+    f"{REPO}@tag=a,allow_other", f"{REPO}@tag=-o", f"{REPO}@tag=..", f"{REPO}@tag=a b",
+    f"{REPO}@tag=a\nb", f"{REPO}@tag=", f"{REPO}@hash=xyz", f"{REPO}@hash={'A' * 40}",
+    f"{REPO}@date=2024-13-45T00:00:00Z", f"{REPO}@date=yesterday", f"{REPO}@tag=v1@tag=v2",
+    f"{REPO}@branch=x", f"{REPO}tag=v1", "-o@tag=v1", f"{REPO}@tag={'x' * 70}",
+    f"{REPO}@tag=$(id)", f"{REPO}@tag=v1:x",
+])
+def test_injection_in_pins_rejected(daemon: Daemon, name: str) -> None:
+    with pytest.raises(InvalidName):
+        parse_snapshot(name, NamePolicy())
+    if "\n" not in name:
+        with pytest.raises(OSError) as exc:
+            os.stat(daemon.root / ".snapshots" / name)
+        assert exc.value.errno == errno.ENOENT
+    assert daemon.env.boots() == []
+
+
+def test_snapshot_of_a_denied_repository(versioned: Env, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon(deny=["sw.*"])
+    with pytest.raises(FileNotFoundError):
+        os.stat(snap(d, "tag=v1"))
+    assert versioned.boots() == []
+
+
+def test_two_pods_pinned_to_one_tag_share_a_process(versioned: Env, daemon: Daemon) -> None:
+    pods = [PodView(daemon.root, versioned.tmp / f"pod{i}") for i in range(2)]
+    try:
+        for pod in pods:
+            assert pod.do("read", f".snapshots/{REPO}@tag=v2/VERSION")["data"] == "release 2\n"
+    finally:
+        for pod in pods:
+            pod.close()
+    assert versioned.boots().count(REPO) == 1
+
+
+def test_pinned_instance_expires_heals_and_survives_restart(versioned: Env, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon(expire_timeout=1.0, expire_min_age=0.5, stop_mode="handover")
+    path = snap(d, "tag=v1")
+    assert (path / "VERSION").read_text() == "release 1\n"
+    deadline = time.monotonic() + 10
+    while str(path) in mounts_under(d.root):  # expires like any repository
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert (path / "VERSION").read_text() == "release 1\n"  # and comes back
+    pid = int(os.getxattr(path, "user.pid"))
+    os.kill(pid, signal.SIGKILL)  # heals like any repository
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if (path / "VERSION").read_text() == "release 1\n":
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    healed_pid = int(os.getxattr(path, "user.pid"))
+    assert healed_pid != pid
+    with open(path / "VERSION") as held:
+        d.stop(signal.SIGKILL)
+        second = start_daemon(expire_timeout=0)
+        assert [e["repo"] for e in second.events("adopted")] == [f"{REPO}@tag=v1"]
+        assert int(os.getxattr(path, "user.pid")) == healed_pid
+        assert held.read() == "release 1\n"
+    assert (path / "VERSION").read_text() == "release 1\n"
+    assert versioned.boots().count(REPO) == 3
+    assert second.stop() == 0
+    assert mounts_under(d.root) == []
+    deadline = time.monotonic() + 10
+    while not exited(healed_pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    reap([pid, healed_pid])
