@@ -87,7 +87,9 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
         lines += fn(res)
         if name in plots:
             lines += ["", f"![{name}]({plots[name]})"]
-        lines += ["", f"({res.get('seconds', 0):.0f} s)", ""]
+        load = res.get("loadavg_1min") or ["?", "?"]
+        lines += ["", f"({res.get('seconds', 0):.0f} s; 1-minute load average {load[0]} before, "
+                  f"{load[1]} after)", ""]
     if r.get("leaked_mounts"):
         lines += ["## Leaks", "", f"Mounts forced away at the end: {r['leaked_mounts']}", ""]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
@@ -156,7 +158,7 @@ def _md_storm(res: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|---|"]
     for name, s in res["systems"].items():
         lat = s["latency_ms"]
-        rows.append(f"| {name} | {_span(s['makespan_ms'], '.0f')} | {lat['p50']:.1f} | "
+        rows.append(f"| {name} | {_span(s['makespan_ms'], '.0f')} | {lat['p50']:.2f} | "
                     f"{lat['p99']:.1f} | {lat['max']:.1f} | {s['boots_per_rep']} | "
                     f"{s['errors']} |")
     return rows

@@ -57,12 +57,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="parent of the private work directory (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, maps)")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to this long for the 1-minute load average to drop "
+                   "below half the CPU count (a shared machine: other jobs skew every figure)")
+    p.add_argument("--cvmfsd-rev", metavar="REV", default=None,
+                   help="measure cvmfsd and the CSI plugin as committed in this git revision "
+                   "(exported with git archive) instead of the working tree")
     return p.parse_args(argv)
 
 
 def _cmd(*argv: str) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=20,
+                              cwd=REPO_ROOT)
         return (done.stdout or done.stderr).strip()
     return ""
 
@@ -93,21 +100,48 @@ def machine() -> dict[str, Any]:
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def versions(ws: Workspace) -> dict[str, Any]:
+def export(rev: str, dest: Path) -> str:
+    """Export cvmfsd/ and csi/ of git revision rev into dest; return the full commit id."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit, "cvmfsd", "csi"], cwd=REPO_ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit
+
+
+def versions(ws: Workspace, commit: str | None) -> dict[str, Any]:
     probe = ws.backend("versions")
     standin = _cmd(str(probe.cvmfs2), "--version")
     shutil.rmtree(probe.dir, ignore_errors=True)
+    cvmfsd_version = _cmd(sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                          "import cvmfsd; print(cvmfsd.__version__)", str(ws.src))
     return {
         "python": platform.python_version(),
-        **{m: _version(m) for m in ("cvmfsd", "pyfuse3", "trio", "psutil", "structlog", "grpcio",
+        "cvmfsd": cvmfsd_version,
+        "cvmfsd_source": (f"git revision {commit} (exported)" if commit
+                          else "working tree"),
+        **{m: _version(m) for m in ("pyfuse3", "trio", "psutil", "structlog", "grpcio",
                                     "matplotlib")},
         "libfuse": _cmd("fusermount3", "-V"),
         "automount": automount_version(),
         "backend": f"cvmfs2 stand-in (tests/standin), reports: {standin}",
-        "git_commit": _cmd("git", "rev-parse", "HEAD"),
-        "git_dirty": bool(_cmd("git", "status", "--porcelain", "--", "cvmfsd", "csi", "bench",
-                               "tests/standin")),
+        "git_commit": commit or _cmd("git", "rev-parse", "HEAD"),
+        # Uncommitted changes in what was measured (with --cvmfsd-rev: only bench and the
+        # stand-in come from the working tree).
+        "git_dirty": bool(_cmd("git", "status", "--porcelain", "--", "bench", "tests/standin",
+                               *(() if commit else ("cvmfsd", "csi")))),
     }
+
+
+def wait_quiet(progress: Progress, limit: float) -> None:
+    threshold = (os.cpu_count() or 1) / 2
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        progress.say(f"waiting for a quiet machine: load {os.getloadavg()[0]:.2f} "
+                     f"(want < {threshold:g})")
+        time.sleep(30)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -131,10 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     set_child_subreaper()
     progress = Progress()
+    if args.wait_quiet:
+        wait_quiet(progress, args.wait_quiet)
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="cvmfsd-bench-", dir=args.workdir))
     ws = Workspace(base, quick=args.quick)
+    commit = None
+    if args.cvmfsd_rev:
+        try:
+            commit = export(args.cvmfsd_rev, base / "src")
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(base, ignore_errors=True)
+            print(f"bench: cannot export {args.cvmfsd_rev}: {exc.stderr}", file=sys.stderr)
+            return 2
+        ws.src = base / "src"
     unavailable: dict[str, str] = {}
     if "autofs" in args.systems:
         why = Autofs.available()
@@ -150,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started_at.isoformat(timespec="seconds"),
         "quick": args.quick,
         "machine": machine(),
-        "versions": versions(ws),
+        "versions": versions(ws, commit),
         "sizes": {k: getattr(sizes, k) for k in vars(sizes)},
         "systems": {"compared": list(names), "unavailable": unavailable},
         "scenarios": {},
@@ -163,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in selected:
             progress.begin(scenario, f"{scenario}{' (quick)' if args.quick else ''}")
             s0 = time.monotonic()
+            load0 = os.getloadavg()[0]
             module = importlib.import_module(f"bench.scenarios.{scenario}")
             try:
                 result = module.run(ctx)
@@ -177,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"status": "failed", "error": repr(exc),
                           "traceback": traceback.format_exc()[-4000:]}
             result["seconds"] = round(time.monotonic() - s0, 1)
+            # Load of the machine around the scenario: a busy neighbour shows up here.
+            result["loadavg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
             results["scenarios"][scenario] = result
             reap_adopted()
             if not info_done:

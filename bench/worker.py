@@ -3,16 +3,19 @@
 Every system is measured by the same code in the same kind of process. The worker prints
 "ready" once it is set up, waits for one byte on stdin (the go signal), does the work, timing it
 with time.perf_counter_ns (CLOCK_MONOTONIC: comparable across processes), and prints one JSON
-line. It imports nothing from the project, so it starts fast and has the same cost everywhere.
+line. It imports nothing from the project, so it starts fast and costs the same everywhere.
 
-Modes:
+One-shot modes:
   cold PATH                       one stat of PATH (a first access: this process never saw it)
-  stat-loop LISTFILE              stat every path in LISTFILE once to warm, then once timed
-  find DIR                        `find DIR` once to warm, then once timed
-  read-seq FILE BUFSIZE           read FILE once to warm, then once timed
-  read-rand FILE N BLOCK SEED     read FILE to warm, then N preads of BLOCK at random offsets
-  read-small LISTFILE             read every file once to warm, then once timed
   storm SEED PATH...              stat each PATH in a shuffled order, one timing per access
+
+Warm modes run the work once untimed (caches warm), then PASSES times timed, and report the
+median pass (and every pass):
+  stat-loop PASSES LISTFILE              stat every path in LISTFILE
+  find PASSES DIR                        `find DIR` (output discarded, entries counted)
+  read-seq PASSES FILE BUFSIZE           read FILE front to back
+  read-rand PASSES FILE N BLOCK SEED     N preads of BLOCK bytes at random aligned offsets
+  read-small PASSES LISTFILE             read every file in LISTFILE whole
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 ns = time.perf_counter_ns
+Work = Callable[[], dict[str, Any]]
 
 
 def _read_all(path: str, bufsize: int = 1 << 20) -> int:
@@ -42,94 +46,24 @@ def _paths(listfile: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def prepare(mode: str, args: list[str]) -> Callable[[], dict[str, Any]]:
-    """Everything that must not be timed happens here, before "ready"."""
+def _stat(path: str) -> int:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def one_shot(mode: str, args: list[str]) -> Work | None:
     if mode == "cold":
         (path,) = args
 
         def cold() -> dict[str, Any]:
             t0 = ns()
-            try:
-                os.stat(path)
-                err = 0
-            except OSError as exc:
-                err = exc.errno or -1
+            err = _stat(path)
             return {"ns": ns() - t0, "start_ns": t0, "errno": err}
 
         return cold
-
-    if mode == "stat-loop":
-        paths = _paths(args[0])
-
-        def stat_loop() -> dict[str, Any]:
-            for p in paths:  # warm: every dentry and attribute in the kernel caches
-                os.stat(p)
-            t0 = ns()
-            for p in paths:
-                os.stat(p)
-            return {"ns": ns() - t0, "count": len(paths)}
-
-        return stat_loop
-
-    if mode == "find":
-        (root,) = args
-
-        def find() -> dict[str, Any]:
-            def once() -> tuple[int, int]:
-                t0 = ns()
-                out = subprocess.run(["find", root], capture_output=True, check=True).stdout
-                return ns() - t0, out.count(b"\n")
-
-            once()
-            took, entries = once()
-            return {"ns": took, "entries": entries}
-
-        return find
-
-    if mode == "read-seq":
-        path, bufsize = args[0], int(args[1])
-
-        def read_seq() -> dict[str, Any]:
-            _read_all(path, bufsize)
-            t0 = ns()
-            size = _read_all(path, bufsize)
-            return {"ns": ns() - t0, "bytes": size}
-
-        return read_seq
-
-    if mode == "read-rand":
-        path, count, block, seed = args[0], int(args[1]), int(args[2]), int(args[3])
-        size = os.stat(path).st_size
-        rng = random.Random(seed)
-        offsets = [rng.randrange(0, max(1, size - block)) // block * block for _ in range(count)]
-
-        def read_rand() -> dict[str, Any]:
-            _read_all(path)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                t0 = ns()
-                total = 0
-                for off in offsets:
-                    total += len(os.pread(fd, block, off))
-                took = ns() - t0
-            finally:
-                os.close(fd)
-            return {"ns": took, "bytes": total, "count": count}
-
-        return read_rand
-
-    if mode == "read-small":
-        paths = _paths(args[0])
-
-        def read_small() -> dict[str, Any]:
-            for p in paths:
-                _read_all(p)
-            t0 = ns()
-            total = sum(_read_all(p) for p in paths)
-            return {"ns": ns() - t0, "bytes": total, "count": len(paths)}
-
-        return read_small
-
     if mode == "storm":
         seed, paths = int(args[0]), list(args[1:])
         random.Random(seed).shuffle(paths)
@@ -138,26 +72,78 @@ def prepare(mode: str, args: list[str]) -> Callable[[], dict[str, Any]]:
             samples = []
             for p in paths:
                 t0 = ns()
-                try:
-                    os.stat(p)
-                    err = 0
-                except OSError as exc:
-                    err = exc.errno or -1
+                err = _stat(p)
                 samples.append([t0, ns(), err])
             return {"samples": samples}
 
         return storm
+    return None
 
+
+def warm_work(mode: str, args: list[str]) -> tuple[Callable[[], dict[str, Any]], int]:
+    """(one pass of the work returning its extra figures, number of timed passes)."""
+    passes, args = int(args[0]), args[1:]
+    if mode == "stat-loop":
+        paths = _paths(args[0])
+
+        def stat_loop() -> dict[str, Any]:
+            for p in paths:
+                os.stat(p)
+            return {"count": len(paths)}
+
+        return stat_loop, passes
+    if mode == "find":
+        (root,) = args
+
+        def find() -> dict[str, Any]:
+            out = subprocess.run(["find", root], capture_output=True, check=True).stdout
+            return {"entries": out.count(b"\n")}
+
+        return find, passes
+    if mode == "read-seq":
+        path, bufsize = args[0], int(args[1])
+        return (lambda: {"bytes": _read_all(path, bufsize)}), passes
+    if mode == "read-rand":
+        path, count, block, seed = args[0], int(args[1]), int(args[2]), int(args[3])
+        size = os.stat(path).st_size
+        rng = random.Random(seed)
+        offsets = [rng.randrange(0, max(1, size - block)) // block * block for _ in range(count)]
+        fd = os.open(path, os.O_RDONLY)
+
+        def read_rand() -> dict[str, Any]:
+            total = 0
+            for off in offsets:
+                total += len(os.pread(fd, block, off))
+            return {"bytes": total, "count": count}
+
+        _read_all(path)  # the whole file in the page cache first
+        return read_rand, passes
+    if mode == "read-small":
+        paths = _paths(args[0])
+        return (lambda: {"bytes": sum(_read_all(p) for p in paths), "count": len(paths)}), passes
     raise SystemExit(f"unknown mode {mode!r}")
 
 
 def main() -> None:
-    work = prepare(sys.argv[1], sys.argv[2:])
+    mode, args = sys.argv[1], sys.argv[2:]
+    shot = one_shot(mode, args)
+    if shot is None:
+        work, passes = warm_work(mode, args)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     if not os.read(0, 1):  # the harness closed stdin: it gave up, so do nothing
         return
-    result = work()
+    if shot is not None:
+        result = shot()
+    else:
+        result = work()  # warm: dentries, attributes, pages in the kernel caches
+        times = []
+        for _ in range(passes):
+            t0 = ns()
+            result = work()
+            times.append(ns() - t0)
+        result["all_ns"] = times
+        result["ns"] = sorted(times)[len(times) // 2]
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 

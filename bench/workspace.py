@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import kit
+from .common import REPO_ROOT, kit
 
 make_repo, write_config, write_wrapper = kit.make_repo, kit.write_config, kit.write_wrapper
 
@@ -80,8 +80,18 @@ class Backend:
 class Workspace:
     base: Path
     quick: bool
+    # Where cvmfsd and the CSI plugin are run from: the working tree, or an export of one
+    # revision (--cvmfsd-rev), so that results can name exactly the code they measured.
+    src: Path = REPO_ROOT
     server: Path = field(init=False)
     made: set[str] = field(default_factory=set)
+
+    def src_env(self) -> dict[str, str]:
+        """Environment for `python -m cvmfsd` / `python -m csi.main` from self.src."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.src) + (os.pathsep + env["PYTHONPATH"]
+                                             if env.get("PYTHONPATH") else "")
+        return env
 
     def __post_init__(self) -> None:
         self.server = self.base / "server"

@@ -20,10 +20,11 @@ class Sizes:
     """Every size knob, full run by default; QUICK below is the CI smoke size.
     Override any of them with ``--set name=value``."""
 
-    cold_reps: int = 25            # fresh repositories per system
+    cold_reps: int = 30            # fresh repositories per system
     meta_dirs: int = 100           # tree: meta_dirs x meta_files files (+ directories)
     meta_files: int = 100
     meta_reps: int = 9
+    warm_passes: int = 5           # timed passes per warm measurement (the median one counts)
     read_large_mib: int = 64
     read_small_count: int = 1000
     read_small_bytes: int = 4096
@@ -50,7 +51,8 @@ class Sizes:
         setattr(self, name, kind(value))
 
 
-QUICK = dict(cold_reps=3, meta_dirs=10, meta_files=30, meta_reps=2, read_large_mib=4,
+QUICK = dict(cold_reps=3, meta_dirs=10, meta_files=30, meta_reps=2, warm_passes=2,
+             read_large_mib=4,
              read_small_count=50, read_rand_count=500, read_reps=2, storm_procs=8,
              storm_repos=4, storm_reps=1, footprint_counts="0,1,3", footprint_window_s=1.0,
              csi_cycles=10, csi_cold=2)
@@ -97,6 +99,13 @@ def started(ctx: Context, names: Sequence[str], tag: str,
         if made:
             ctx.say(f"stopped {', '.join(s.label for s in made.values())} "
                     f"in {time.monotonic() - t0:.1f} s")
+
+
+def rotated(names: Sequence[str], rep: int) -> list[str]:
+    """The systems in the order of repetition rep: ABC, BCA, CAB, ... Interleaved like ABC ABC,
+    and no system is always first (the first one pays for cold CPU caches, a fresh allocator...)."""
+    k = rep % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
 
 
 def ms(ns: int | float) -> float:

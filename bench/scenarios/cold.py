@@ -1,6 +1,6 @@
 """Cold first access: the time from the first stat of /cvmfs/<repo>/README to its answer.
 
-Per repetition and per system (interleaved: direct, autofs, cvmfsd, direct, ...) a fresh,
+Per repetition and per system (interleaved, in a rotated order: ABC, BCA, CAB, ...) a fresh,
 never-mounted repository. Each stat comes from a fresh worker process that never touched the path.
 
 - direct: the harness boots the repository by hand (launch time = the backend's own boot time),
@@ -21,7 +21,7 @@ from typing import Any
 from ..common import percentile, run_worker, summary
 from ..systems import Cvmfsd, Direct
 from ..workspace import COLD_FILE, DOMAIN
-from . import Context, ms, started
+from . import Context, ms, rotated, started
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def run(ctx: Context) -> dict[str, Any]:
     with started(ctx, names, "cold") as systems:
         for i in range(reps):
             line = []
-            for name in names:
+            for name in rotated(names, i):
                 system = systems[name]
                 repo = repos[(i, name)]
                 path = system.path(repo) / COLD_FILE
@@ -89,7 +89,7 @@ def run(ctx: Context) -> dict[str, Any]:
             per_system[name]["overhead_range_ms"] = [round(min(spread), 4),
                                                      round(max(spread), 4)] if spread else None
     return {
-        "params": {"reps": reps, "file": COLD_FILE, "order": list(names)},
+        "params": {"reps": reps, "file": COLD_FILE, "order": "rotated per repetition"},
         "backend_boot_ms": summary(boot_ms),
         "direct_first_stat_ms": summary(first_stat_ms),
         "cvmfsd_logged_mount_ms": summary(mount_log_ms),

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..common import MS_SHARED, PY, REPO_ROOT, mount, stop_process, summary, umount_below
+from ..common import MS_SHARED, PY, mount, stop_process, summary, umount_below
 from ..workspace import COLD_FILE, DOMAIN
 from . import Context, ms, started
 
@@ -59,7 +59,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     [PY, "-m", "csi.main", f"--endpoint=unix://{sock}",
                      f"--kubelet-dir={kubelet}", f"--cvmfs-root={daemon.mount_dir}",
                      "--node-id=bench-node", "--log-level=warning"],
-                    stdout=f, stderr=f, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
+                    stdout=f, stderr=f, stdin=subprocess.DEVNULL, cwd=ctx.ws.src,
+                    env=ctx.ws.src_env())
             channel = grpc.insecure_channel(f"unix://{sock}")
             grpc.channel_ready_future(channel).result(timeout=30)
             node = csi_pb2_grpc.NodeStub(channel)

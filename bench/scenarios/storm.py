@@ -21,7 +21,7 @@ from typing import Any
 from ..common import Worker, percentile, summary
 from ..systems import Direct
 from ..workspace import COLD_FILE, DOMAIN
-from . import Context, ms, started
+from . import Context, ms, rotated, started
 
 
 def _direct(ctx: Context, rep: int, repos: list[str]) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def run(ctx: Context) -> dict[str, Any]:
     names = ctx.systems
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for rep in range(sz.storm_reps):
-        for name in names:
+        for name in rotated(names, rep):
             repos = [ctx.ws.tiny(f"storm{rep}-{i:02d}-{name}.{DOMAIN}")
                      for i in range(sz.storm_repos)]
             if name == "direct":

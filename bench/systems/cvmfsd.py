@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..common import PY, REPO_ROOT, stop_process, umount_below
+from ..common import PY, stop_process, umount_below
 from ..workspace import Workspace
 from .base import System
 
@@ -44,7 +44,7 @@ class Cvmfsd(System):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([PY, "-m", "cvmfsd", "run", "-c", str(self.config_path)],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         cwd=REPO_ROOT)
+                                         cwd=self.ws.src, env=self.ws.src_env())
         deadline = time.monotonic() + 30
         while not self.events("ready"):
             if self.proc.poll() is not None:
@@ -87,7 +87,8 @@ class Cvmfsd(System):
     def version(self) -> str:
         with contextlib.suppress(Exception):
             out = subprocess.run([PY, "-c", "import cvmfsd; print(cvmfsd.__version__)"],
-                                 capture_output=True, text=True, cwd=REPO_ROOT).stdout
+                                 capture_output=True, text=True, cwd=self.ws.src,
+                                 env=self.ws.src_env()).stdout
             return out.strip()
         return "?"
 
