@@ -18,7 +18,6 @@ import grpc
 from csi.proto import csi_pb2, csi_pb2_grpc
 from csi.rpc import CsiError, invalid, rpc
 from csi.volume import (
-    REPOSITORY_KEY,
     capability_problem,
     check_name,
     check_volume_id,
@@ -68,8 +67,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 )
         if request.HasField("volume_content_source"):
             raise invalid("volume_content_source is not supported (no snapshots, no clones)")
-        repository = repository_from(request.parameters, "parameters")
-        context_out = {REPOSITORY_KEY: repository} if repository else {}
+        source = repository_from(request.parameters, "parameters")
+        context_out = source.context() if source else {}
         return csi_pb2.CreateVolumeResponse(
             volume=csi_pb2.Volume(
                 volume_id=volume_id_for(request.name),

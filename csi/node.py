@@ -190,7 +190,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         )
         if problem:
             raise invalid(problem)
-        repository = repository_from(request.volume_context, "volume_context")
+        source_spec = repository_from(request.volume_context, "volume_context")
+        repository = source_spec.path if source_spec else None
         noexec = "noexec" in request.volume_capability.mount.mount_flags
         target = check_target(request.target_path, self.config.kubelet_dir)
         check_no_fuse_between(target, MountTable.read())

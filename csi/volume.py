@@ -2,7 +2,8 @@
 services.
 
 There is one kind of volume: the daemon's whole root (every repository), or, when the volume context
-names a `repository`, that one repository below the root (for per-repository storage classes).
+names a `repository`, that one repository below the root (for per-repository storage classes),
+optionally pinned to a snapshot with `tag`, `hash` or `date`.
 Volumes are always read-only filesystem (mount) volumes.
 """
 
@@ -11,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from csi.proto import csi_pb2
 from csi.rpc import invalid
+from cvmfsd.names import SNAPSHOTS_DIR, InvalidName, Pin, check_pin, snapshot_name
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 
 REPOSITORY_KEY = "repository"
+# Pin a repository to a snapshot (cvmfsd's <root>/.snapshots/<fqrn>@<kind>=<value>).
+PIN_KEYS = ("tag", "hash", "date")
 K8S_PREFIX = "csi.storage.k8s.io/"
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 # volume_context keys whose values must never be logged (kubelet passes service account tokens here
@@ -92,19 +97,55 @@ def check_repository(name: str) -> str:
     return name
 
 
-def repository_from(context: Mapping[str, str], what: str) -> str | None:
-    """The repository named by a volume context (or StorageClass parameters), None for the whole
-    root.
+@dataclass(frozen=True)
+class VolumeSource:
+    """What below the daemon's root a volume publishes: one repository, optionally pinned to a
+    snapshot (tag, root hash or date), served by cvmfsd at <root>/.snapshots/<fqrn>@<kind>=<v>."""
 
-    Known keys: `repository`, and anything under `csi.storage.k8s.io/` (pod information and
-    provisioner metadata that Kubernetes adds). Anything else is a mistake we report.
+    repository: str
+    pin: Pin | None = None
+
+    @property
+    def path(self) -> str:
+        """Relative to the root."""
+        if self.pin is None:
+            return self.repository
+        return f"{SNAPSHOTS_DIR}/{snapshot_name(self.repository, self.pin)}"
+
+    def context(self) -> dict[str, str]:
+        out = {REPOSITORY_KEY: self.repository}
+        if self.pin is not None:
+            out[self.pin.kind] = self.pin.value
+        return out
+
+
+def repository_from(context: Mapping[str, str], what: str) -> VolumeSource | None:
+    """The repository (and pin) named by a volume context (or StorageClass parameters), None for
+    the whole root.
+
+    Known keys: `repository`, at most one of `tag`, `hash`, `date` with it, and anything under
+    `csi.storage.k8s.io/` (pod information and provisioner metadata that Kubernetes adds).
+    Anything else is a mistake we report.
     """
-    unknown = sorted(k for k in context if k != REPOSITORY_KEY and not k.startswith(K8S_PREFIX))
+    known = {REPOSITORY_KEY, *PIN_KEYS}
+    unknown = sorted(k for k in context if k not in known and not k.startswith(K8S_PREFIX))
     if unknown:
-        raise invalid(f"unknown {what} keys {unknown}: only {REPOSITORY_KEY!r} is understood")
+        raise invalid(f"unknown {what} keys {unknown}: only {sorted(known)} are understood")
+    pins = [k for k in PIN_KEYS if k in context]
     if REPOSITORY_KEY not in context:
+        if pins:
+            raise invalid(f"{what} key {pins[0]!r} needs {REPOSITORY_KEY!r}")
         return None
-    return check_repository(context[REPOSITORY_KEY])
+    repository = check_repository(context[REPOSITORY_KEY])
+    if not pins:
+        return VolumeSource(repository)
+    if len(pins) > 1:
+        raise invalid(f"{what}: at most one of {list(PIN_KEYS)}, got {pins}")
+    try:
+        pin = check_pin(pins[0], context[pins[0]])
+    except InvalidName as e:
+        raise invalid(f"{what}: {e}") from e
+    return VolumeSource(repository, pin)
 
 
 def check_name(name: str) -> None:

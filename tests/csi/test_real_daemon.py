@@ -58,3 +58,40 @@ def test_publish_against_the_real_daemon(
             assert mounts.MountTable.read().at(str(t)) == []
     finally:
         plugin.stop()
+
+
+def test_pinned_volumes_share_one_instance(
+    daemon: Any, kubelet_dir: Path, tmp_path: Path, make_pod: Callable[[Path], Pod]
+) -> None:
+    """Two pods (two namespaces) pinned to the same tag: the pinned content at their mount path,
+    one cvmfs2 for both; a bad tag is NotFound; an injection in the pin is InvalidArgument."""
+    from standin.kit import make_repo
+
+    env = daemon.env
+    make_repo(env.server, "sw.cern.ch", {"VERSION": "1\n"}, revision=1, tags=["v1"])
+    make_repo(env.server, "sw.cern.ch", {"VERSION": "2\n"}, revision=2)
+    plugin = Plugin(tmp_path, kubelet_dir, daemon.root).start()
+    try:
+        targets = []
+        for pv in ("ns1", "ns2"):
+            target = make_target(kubelet_dir, pv=pv)
+            plugin.node.NodePublishVolume(
+                publish_request(target, pv, repository="sw.cern.ch", context={"tag": "v1"}))
+            targets.append((target, pv))
+            pod = make_pod(target)
+            assert pod.call("read", path="VERSION")["data"] == "1\n"
+        assert (daemon.path("sw.cern.ch") / "VERSION").read_text() == "2\n"
+        assert env.boots().count("sw.cern.ch") == 2  # one pinned instance, one live
+        bad = publish_request(make_target(kubelet_dir, pv="bad"), "bad",
+                              repository="sw.cern.ch", context={"tag": "nope"})
+        assert code_of(plugin.node.NodePublishVolume, bad) == grpc.StatusCode.NOT_FOUND
+        for pin in ({"tag": "v1,allow_other"}, {"tag": "-o"}, {"hash": "zz"},
+                    {"tag": "v1", "date": "2024-01-01T00:00:00Z"}):
+            evil = publish_request(make_target(kubelet_dir, pv="evil"), "evil",
+                                   repository="sw.cern.ch", context=pin)
+            assert code_of(plugin.node.NodePublishVolume, evil) == grpc.StatusCode.INVALID_ARGUMENT
+        for target, vid in targets:
+            plugin.node.NodeUnpublishVolume(unpublish_request(target, vid))
+            assert not target.exists()
+    finally:
+        plugin.stop()
