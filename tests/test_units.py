@@ -118,8 +118,14 @@ class Ctx:
 
 def run_ops(fn: Any, **cfg: Any) -> Any:
     """Run fn(ops, registry) in trio with a mounter whose boots always fail (/bin/false)."""
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(prefix="cvmfsd-units-"))
+
     async def main() -> Any:
-        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, **cfg)
+        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, run_dir=run_dir,
+                        snapshot_dir=run_dir / "snapshots", **cfg)
+        config.staging_dir.mkdir()
         registry = Registry(config.backoff_initial, config.backoff_max)
         mounter = Mounter(config, registry, Children())
         async with trio.open_nursery() as nursery:
@@ -129,7 +135,12 @@ def run_ops(fn: Any, **cfg: Any) -> Any:
             finally:
                 nursery.cancel_scope.cancel()
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    finally:
+        import shutil
+
+        shutil.rmtree(run_dir)
 
 
 def test_lookup_of_bad_names_adds_nothing() -> None:
