@@ -127,8 +127,10 @@ def run_ops(fn: Any, **cfg: Any) -> Any:
                         snapshot_dir=run_dir / "snapshots", **cfg)
         config.staging_dir.mkdir()
         registry = Registry(config.backoff_initial, config.backoff_max)
-        mounter = Mounter(config, registry, Children())
+        children = Children()
+        mounter = Mounter(config, registry, children)
         async with trio.open_nursery() as nursery:
+            await nursery.start(children.run)
             await nursery.start(mounter.run)
             try:
                 return await fn(RootOperations(config, registry, mounter), registry)
@@ -175,7 +177,7 @@ def test_lookup_replies_at_once_with_a_stable_identity() -> None:
             await ops.lookup(first.st_ino, b"README", Ctx(1))
         assert exc.value.errno == errno.ESTALE
         # Anyone else waits for the boot's outcome: /bin/false fails, so EIO, remembered.
-        with pytest.raises(pyfuse3.FUSEError) as exc:
+        with pytest.raises(pyfuse3.FUSEError) as exc, trio.fail_after(10):
             await ops.getattr(first.st_ino, Ctx(1))
         assert exc.value.errno == errno.EIO
         assert repo.state is State.FAILED and repo.last_error is not None
