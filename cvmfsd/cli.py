@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -31,11 +32,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-boots", type=int)
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    # Node admin surface (cvmfsctl, metrics).
+    parser.add_argument("--control-socket", metavar="PATH",
+                        help="status socket for cvmfsctl (default <run-dir>/cvmfsd.sock)")
+    parser.add_argument("--admin-group", metavar="GROUP",
+                        help="group allowed to use the status socket besides root")
+    parser.add_argument("--metrics-listen", metavar="[HOST:]PORT",
+                        help="serve Prometheus metrics there (default off; host 127.0.0.1)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ["root", "run_dir", "cvmfs2", "cvmfs2_config", "allow", "deny", "mount_timeout",
-            "max_concurrent_boots", "log_level", "log_format"]
+            "max_concurrent_boots", "log_level", "log_format", "control_socket",
+            "admin_group", "metrics_listen"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -72,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     from .daemon import StartupError, StopMode, run
 
     try:
-        mode = trio.run(run, cfg)
+        # The reloader re-reads the same file with the same flag overrides (cvmfsctl reload,
+        # SIGHUP): flags keep winning over the file, as at start.
+        overrides = _overrides(args)
+        mode = trio.run(functools.partial(
+            run, cfg, reloader=lambda: config_mod.load(args.config, overrides),
+            config_file=args.config))
     except StartupError as exc:
         print(f"cvmfsd: {exc}", file=sys.stderr)
         return 1

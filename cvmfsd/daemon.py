@@ -6,14 +6,17 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import pyfuse3
 import structlog
 import trio
 
 from . import __version__, kernel, rootmount, takeover
+from .admin import Admin
 from .children import Children, Tracked
 from .config import Config
 from .fs import RootOperations
@@ -126,9 +129,12 @@ async def _publish(rt: Runtime) -> None:
     await trio.to_thread.run_sync(publish)
 
 
-async def run(cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-              ) -> StopMode:
-    """Serve until a stop is requested (signals, cvmfsctl) or cancelled; return how it ended."""
+async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
+              config_file: Path | None = None,
+              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> StopMode:
+    """Serve until a stop is requested (signals, cvmfsctl) or cancelled; return how it ended.
+
+    reloader re-reads the configuration for `cvmfsctl reload` and SIGHUP."""
     kernel.set_child_subreaper()
     os.chdir("/")  # hold no directory busy; cvmfs2 inherits a safe working directory
     registry = Registry(cfg.backoff_initial, cfg.backoff_max, cfg.restart_window,
@@ -139,15 +145,18 @@ async def run(cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STA
     fuse_scope = trio.CancelScope()
     fuse_done = trio.Event()
     fuse_started = False
+    admin: Admin | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(children.run)
             await trio.to_thread.run_sync(_prepare_staging, cfg)
             try:
                 await nursery.start(rt.mounter.run)
-                await nursery.start(Upkeep(cfg, registry, rt.mounter).run)
+                upkeep = Upkeep(cfg, registry, rt.mounter)
+                await nursery.start(upkeep.run)
                 fd = await trio.to_thread.run_sync(rootmount.mount_staged, cfg)
-                pyfuse3.init(RootOperations(cfg, registry, rt.mounter), f"/dev/fd/{fd}", set())
+                ops = RootOperations(cfg, registry, rt.mounter)
+                pyfuse3.init(ops, f"/dev/fd/{fd}", set())
                 fuse_started = True
 
                 async def serve_fuse() -> None:
@@ -169,12 +178,19 @@ async def run(cfg: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STA
                     for found in plan.adopt:
                         await trio.to_thread.run_sync(takeover.detach_old, found)
                 await trio.to_thread.run_sync(_root_answers, cfg)
+                # --- node admin surface: status socket, sd_notify, metrics (admin.py) -----
+                admin = Admin(cfg, registry, rt.mounter, ops, upkeep, reloader=reloader,
+                              config_file=config_file)
+                await nursery.start(admin.run)
+                # ---------------------------------------------------------------------------
                 log.info("ready", root=str(cfg.root), version=__version__, pid=os.getpid(),
                          adopted=len(plan.adopt) if plan else 0,
                          startup_ms=round((time.monotonic() - rt.started) * 1000, 1))
                 task_status.started()
                 await _until_stop(rt, fuse_done)
             finally:
+                if admin is not None:
+                    admin.stopping()  # STOPPING=1 to systemd; the status socket closes
                 with trio.CancelScope(shield=True):
                     await _stop(rt, fuse_scope, fuse_done, fuse_started)
                     nursery.cancel_scope.cancel()

@@ -1,0 +1,210 @@
+"""sd_notify: a test plays systemd on a NOTIFY_SOCKET and watches READY, STATUS, WATCHDOG and
+STOPPING; the watchdog is fed only while the FUSE root really answers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon
+
+from cvmfsd.notify import Notifier
+
+
+def _root_mounted(root: Path) -> bool:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if left.split()[4] == str(root) and right.split()[0] == "fuse.cvmfsd":
+            return True
+    return False
+
+
+@dataclass
+class Message:
+    at: float
+    fields: dict[str, str]
+    root_mounted: bool
+    root_listed: bool
+
+
+@dataclass
+class Systemd:
+    """The receiving end of NOTIFY_SOCKET, like systemd's: one datagram per message."""
+
+    address: str
+    root: Path
+    sock: socket.socket
+    messages: list[Message] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+            mounted = listed = False
+            if "READY" in fields:  # what does the world see at the moment of READY?
+                mounted = _root_mounted(self.root)
+                with contextlib.suppress(OSError):
+                    os.listdir(self.root)
+                    listed = True
+            self.messages.append(Message(time.monotonic(), fields, mounted, listed))
+
+    def with_key(self, key: str) -> list[Message]:
+        return [m for m in self.messages if key in m.fields]
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in list(self.messages):
+                if predicate(message):
+                    return message
+            time.sleep(0.02)
+        raise AssertionError(f"no such message in {[m.fields for m in self.messages]}")
+
+
+@pytest.fixture
+def systemd(env, monkeypatch) -> Iterator[Systemd]:  # type: ignore[no-untyped-def]
+    name = f"cvmfsd-test-{uuid.uuid4().hex[:12]}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)  # an abstract socket, written '@name' in the environment
+    fake = Systemd("@" + name, env.tmp / "cvmfs", sock)
+    thread = threading.Thread(target=fake.run, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", fake.address)
+    yield fake
+    fake.stop.set()
+    thread.join()
+    sock.close()
+
+
+def test_ready_status_watchdog_stopping(start_daemon, systemd: Systemd, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("WATCHDOG_USEC", "600000")  # a ping every 0.2 s
+    d: Daemon = start_daemon()
+    ready = systemd.wait_for(lambda m: m.fields.get("READY") == "1")
+    # READY only once the root was mounted and answered a listing
+    assert ready.root_mounted and ready.root_listed
+    assert ready.fields["STATUS"].startswith("0 mounted, 0 failed, 0 booting under ")
+    assert not [m for m in systemd.messages if m.at < ready.at and "WATCHDOG" in m.fields]
+
+    # STATUS follows what is mounted
+    assert (d.path("alice.cern.ch") / "README").exists()
+    systemd.wait_for(lambda m: m.fields.get("STATUS", "").startswith("1 mounted, 0 failed"))
+
+    # WATCHDOG pings at about a third of the interval
+    time.sleep(1.5)
+    pings = [m.at for m in systemd.with_key("WATCHDOG")]
+    assert len(pings) >= 5
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) < 0.6, gaps
+
+    # status reports the systemd side
+    status = _status(d)
+    assert status["systemd"] == {"notify": True, "watchdog_usec": 600000}
+
+    # STOPPING=1 at the start of a clean stop; no pings after it
+    assert d.stop() == 0
+    stopping = systemd.wait_for(lambda m: m.fields.get("STOPPING") == "1")
+    assert "Stopping" in stopping.fields["STATUS"]
+    assert not [m for m in systemd.messages if m.at > stopping.at and "WATCHDOG" in m.fields]
+
+
+def test_watchdog_needs_an_answering_root(start_daemon, systemd: Systemd, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Fill every FUSE task with requests that wait for a slow boot: the event loop still runs
+    (the status socket answers), but the root does not, so the watchdog is not fed."""
+    monkeypatch.setenv("WATCHDOG_USEC", "900000")
+    d: Daemon = start_daemon(fuse_max_tasks=8)
+    d.env.add_repo("slow.cern.ch")
+    d.env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_DELAY="4")
+    systemd.wait_for(lambda m: "WATCHDOG" in m.fields)
+
+    results: list[Any] = []
+
+    def reader() -> None:
+        try:
+            results.append((d.path("slow.cern.ch") / "README").read_text())
+        except OSError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    # The loop is alive (this answer comes from it) and says why it is not feeding the watchdog
+    status = _status(d)
+    assert status["degraded"] is True
+    assert any("root not answering" in p for p in status["problems"]), status["problems"]
+    last_ping = max(m.at for m in systemd.with_key("WATCHDOG"))
+    for t in threads:
+        t.join(timeout=30)
+    assert all(r == "hello from the repository\n" for r in results), results
+    # no ping while the root was stuck; pings again once it answers
+    resumed = systemd.wait_for(lambda m: "WATCHDOG" in m.fields and m.at > last_ping + 0.5)
+    assert resumed.at - started > 2.5
+    gap = max(b.at - a.at for a, b in itertools.pairwise(systemd.with_key("WATCHDOG")))
+    assert gap > 2.0
+    assert d.events("root_not_answering")
+    assert d.events("root_answers_again")
+    time.sleep(0.5)
+    assert _status(d)["degraded"] is False
+
+
+def test_without_systemd(start_daemon, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    d = start_daemon()
+    assert _status(d)["systemd"] == {"notify": False, "watchdog_usec": None}
+
+
+def test_notifier_addresses(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.settimeout(2)
+    environ = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "3000000",
+               "WATCHDOG_PID": str(os.getpid())}
+    notifier = Notifier.from_environment(environ)
+    assert notifier.enabled and notifier.watchdog_period == pytest.approx(1.0)
+    notifier.status("a\nmulti  line")
+    assert receiver.recv(100) == b"STATUS=a multi line"
+    notifier.close()
+    receiver.close()
+    # the watchdog belongs to another process: ignored
+    other = Notifier.from_environment({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "5",
+                                       "WATCHDOG_PID": "1"})
+    assert other.watchdog_period is None
+    # nothing listening: sending fails quietly
+    assert other.send(READY=1) is False
+    # not under systemd: a no-op
+    none = Notifier.from_environment({})
+    assert not none.enabled and none.send(READY=1) is False
+    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1"}
+    assert Notifier.from_environment(env, unset=True).address == "\0x" and env == {}
+
+
+def _status(d: Daemon) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(d.run_dir / "cvmfsd.sock"))
+        s.sendall(b'{"cmd": "status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            data += s.recv(65536)
+    reply = json.loads(data)
+    assert reply["ok"], reply
+    return reply["result"]
