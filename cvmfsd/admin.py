@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -86,6 +87,9 @@ class Admin:
         self.closing = False
         self._reload_lock = trio.Lock()
         self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        # Tells one run of the daemon from the next, also across a re-exec (same pid).
+        self.instance = uuid.uuid4().hex
         self._prom: Any = None
         # Services that could not start: name -> why (a problem in `status` until they do).
         self.service_errors: dict[str, str] = {}
@@ -98,6 +102,7 @@ class Admin:
         with trio.CancelScope() as scope:
             self._scope = scope
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 # READY=1 only once the root answers a real listing through the FUSE loop.
                 while not await self.liveness.check():
                     await trio.sleep(0.2)
@@ -152,15 +157,40 @@ class Admin:
         if not await attempt() and retry:
             nursery.start_soon(keep_trying)
 
-    def stopping(self) -> None:
-        """First step of shutdown: tell systemd, stop taking requests."""
+    def stopping(self, mode: str = "unmount") -> None:
+        """First step of a stop (mode: the daemon's StopMode): tell systemd, stop taking
+        requests. A re-exec keeps the main pid and comes back with READY=1, so systemd hears
+        RELOADING=1 (like its own daemon-reexec) instead of STOPPING=1."""
         if self.closing:
             return
         self.closing = True
         busy = self.registry.active()
-        self.notifier.stopping(f"Stopping: unmounting {busy} repositories")
+        if mode == "reexec":
+            self.notifier.reloading()
+            self.notifier.status(f"Re-executing; {busy} repositories stay mounted")
+        elif mode == "handover":
+            self.notifier.stopping(f"Stopping: {busy} repositories stay mounted for the next "
+                                   "cvmfsd")
+        else:
+            self.notifier.stopping(f"Stopping: unmounting {busy} repositories")
         if self._scope is not None:
             self._scope.cancel()
+
+    async def restart(self) -> dict[str, Any]:
+        """Hand over to a fresh exec of this program (SIGUSR2, as the daemon defines it):
+        same pid, the code now on disk, mounts taken over without a failed read. The signal
+        goes out just after the reply."""
+        if self.closing or self.mounter.closing:
+            raise AdminError("shutting_down", "cvmfsd is shutting down")
+        assert self._nursery is not None
+
+        async def later() -> None:
+            await trio.sleep(0.2)
+            log.info("restart_requested", via="cvmfsctl")
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+        self._nursery.start_soon(later)
+        return {"pid": os.getpid(), "instance": self.instance, "restarting": True}
 
     async def _watchdog_loop(self) -> None:
         """Feed the systemd watchdog only after the root answered; the same checks keep the
@@ -218,8 +248,8 @@ class Admin:
             "degraded" if problems else "running")
         return {
             "daemon": "cvmfsd", "version": __version__, "protocol": PROTOCOL_VERSION,
-            "pid": os.getpid(), "state": state, "degraded": bool(problems),
-            "problems": problems, "started_at": iso(self.started_wall),
+            "pid": os.getpid(), "instance": self.instance, "state": state,
+            "degraded": bool(problems), "problems": problems, "started_at": iso(self.started_wall),
             "uptime_s": round(time.monotonic() - self.started_mono, 1),
             "root": str(self.cfg.root), "run_dir": str(self.cfg.run_dir),
             "control_socket": str(self.cfg.control_socket_path),

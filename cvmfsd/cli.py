@@ -39,12 +39,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="group allowed to use the status socket besides root")
     parser.add_argument("--metrics-listen", metavar="[HOST:]PORT",
                         help="serve Prometheus metrics there (default off; host 127.0.0.1)")
+    parser.add_argument("--stop-mode", choices=["unmount", "handover"],
+                        help="what SIGTERM does (the systemd unit passes handover)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ["root", "run_dir", "cvmfs2", "cvmfs2_config", "allow", "deny", "mount_timeout",
             "max_concurrent_boots", "log_level", "log_format", "control_socket",
-            "admin_group", "metrics_listen"]
+            "admin_group", "metrics_listen", "stop_mode"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

@@ -15,7 +15,7 @@ Protocol, version 1 (the README's "Node admin" section is the user-facing copy):
             {"v": 1, "id": ..., "ok": false, "error": {"code": "...", "message": "...", ...}}
   Within a version, replies only gain fields; clients ignore fields they do not know.
 - Commands: status; list [names] [details=true]; mount name [timeout]; umount name [force]
-  [timeout]; reload; probe [names] [timeout].
+  [timeout]; reload; probe [names] [timeout]; restart (re-exec in place, mounts handed over).
 - Error codes: bad_request, too_large (connection closed), timeout (connection closed),
   unsupported_version, unknown_command, permission_denied, overloaded, invalid_name,
   mount_failed (with "mount_error": message, exit_code, meaning, stderr, errno), busy,
@@ -67,9 +67,10 @@ _ARGS: dict[str, dict[str, tuple[str, Any]]] = {
                "timeout": ("timeout", None)},
     "reload": {},
     "probe": {"names": ("names", None), "timeout": ("timeout", None)},
+    "restart": {},
 }
 # Commands that change something: logged with who asked, as an audit trail.
-_CHANGING = {"mount", "umount", "reload", "probe"}
+_CHANGING = {"mount", "umount", "reload", "probe", "restart"}
 
 
 class RequestError(Exception):
@@ -406,6 +407,8 @@ class Server:
             return await admin.reload()
         if cmd == "probe":
             return await admin.probe(args["names"], args["timeout"])
+        if cmd == "restart":
+            return await admin.restart()
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
 
 

@@ -6,10 +6,11 @@
   cvmfsctl umount NAME...     unmount; refused while busy unless --force (lazy detach)
   cvmfsctl reload             re-read the daemon's configuration file; mounts stay
   cvmfsctl probe [NAME...]    mount and list each repository, like `cvmfs_config probe`
+  cvmfsctl restart            re-exec cvmfsd in place (upgrade); mounts are handed over
 
 Exit status: 0 success; 1 cvmfsd not reachable, access denied, a bad request, or an operation
-that failed (mount, umount, reload); 3 (status, probe) the daemon answers but is degraded or a
-repository is failing; 4 (status, list) a NAME that cvmfsd does not know.
+that failed (mount, umount, reload, restart); 3 (status, probe) the daemon answers but is
+degraded or a repository is failing; 4 (status, list) a NAME that cvmfsd does not know.
 """
 
 from __future__ import annotations
@@ -419,6 +420,34 @@ def cmd_probe(client: Client, args: argparse.Namespace, style: Style) -> int:
     return EXIT_OK if result.get("ok") else EXIT_FAILING
 
 
+def cmd_restart(client: Client, args: argparse.Namespace, style: Style) -> int:
+    """Re-exec the daemon in place and wait until the new instance answers."""
+    started = time.monotonic()
+    before = client.call("restart")
+    client.close()
+    while time.monotonic() - started < args.timeout:
+        time.sleep(0.2)
+        try:
+            again = Client(args.socket_path, timeout=5.0)
+            try:
+                status = again.call("status")
+            finally:
+                again.close()
+        except CtlError:
+            continue  # between the old instance and the new one
+        if status.get("instance") != before.get("instance"):
+            if args.json:
+                _print_json(status)
+            else:
+                print(f"Restarted cvmfsd in place (pid {status.get('pid')}, version "
+                      f"{status.get('version')}) in {time.monotonic() - started:.1f} s; "
+                      f"{status.get('repositories', {}).get('mounted', 0)} repositories "
+                      "kept mounted")
+            return EXIT_OK
+    print(f"cvmfsctl: cvmfsd did not come back within {args.timeout:g} s", file=sys.stderr)
+    return EXIT_ERROR
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # usage errors exit 1, like systemctl
         self.print_usage(sys.stderr)
@@ -465,17 +494,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", metavar="NAME")
     s.add_argument("--timeout", type=float, default=120.0,
                    help="seconds per repository (default %(default)s)")
+    s = command("restart", "re-exec cvmfsd in place (an upgrade); mounts are handed over")
+    s.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the new instance (default %(default)s)")
     return p
 
 
 COMMANDS = {"status": cmd_status, "list": cmd_list, "mount": cmd_mount, "umount": cmd_umount,
-            "reload": cmd_reload, "probe": cmd_probe}
+            "reload": cmd_reload, "probe": cmd_probe, "restart": cmd_restart}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     style = Style(want_colour(args.color, sys.stdout) and not args.json)
-    path = socket_path(args.socket, args.config)
+    path = args.socket_path = socket_path(args.socket, args.config)
     try:
         client = Client(path, timeout=30.0)
         try:

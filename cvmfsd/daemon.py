@@ -190,7 +190,7 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                 await _until_stop(rt, fuse_done)
             finally:
                 if admin is not None:
-                    admin.stopping()  # STOPPING=1 to systemd; the status socket closes
+                    admin.stopping(str(rt.stop_mode))  # tell systemd; the socket closes
                 with trio.CancelScope(shield=True):
                     await _stop(rt, fuse_scope, fuse_done, fuse_started)
                     nursery.cancel_scope.cancel()

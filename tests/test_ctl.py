@@ -157,3 +157,20 @@ def test_span() -> None:
     assert ctl.span(7300) == "2h 1min"
     assert ctl.span(90000) == "1 day 1h"
     assert ctl.span(3 * 86400) == "3 days"
+
+
+def test_restart_in_place(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon()
+    assert (d.path("alice.cern.ch") / "README").exists()
+    pid = int(os.getxattr(d.path("alice.cern.ch"), "user.pid"))
+    before = as_json(cvmfsctl(d, "--json", "status"))["status"]
+    out = cvmfsctl(d, "restart")
+    assert out.returncode == 0, out.stderr
+    assert f"Restarted cvmfsd in place (pid {d.pid}," in out.stdout
+    assert "1 repositories kept mounted" in out.stdout
+    after = as_json(cvmfsctl(d, "--json", "status"))
+    assert after["status"]["pid"] == d.pid and after["status"]["instance"] != before["instance"]
+    alice, = after["repositories"]
+    assert alice["state"] == "mounted" and alice["serving_pid"] == pid  # taken over
+    assert (d.path("alice.cern.ch") / "README").exists()
+    assert d.env.boots().count("alice.cern.ch") == 1

@@ -116,6 +116,17 @@ def test_ready_status_watchdog_stopping(start_daemon, systemd: Systemd, monkeypa
     status = _status(d)
     assert status["systemd"] == {"notify": True, "watchdog_usec": 600000}
 
+    # an in-place restart (re-exec, same pid): RELOADING=1, then READY=1 from the new instance
+    instance = status["instance"]
+    assert _call(d, "restart")["restarting"] is True
+    reloading = systemd.wait_for(lambda m: m.fields.get("RELOADING") == "1")
+    assert int(reloading.fields["MONOTONIC_USEC"]) > 0
+    ready_again = systemd.wait_for(lambda m: m.fields.get("READY") == "1" and m.at > reloading.at,
+                                   timeout=30)
+    assert ready_again.root_listed
+    assert _status(d)["instance"] != instance and _status(d)["pid"] == d.pid
+    assert not [m for m in systemd.messages if "STOPPING" in m.fields]
+
     # STOPPING=1 at the start of a clean stop; no pings after it
     assert d.stop() == 0
     stopping = systemd.wait_for(lambda m: m.fields.get("STOPPING") == "1")
@@ -198,10 +209,14 @@ def test_notifier_addresses(tmp_path: Path) -> None:
 
 
 def _status(d: Daemon) -> dict[str, Any]:
+    return _call(d, "status")
+
+
+def _call(d: Daemon, cmd: str) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(d.run_dir / "cvmfsd.sock"))
-        s.sendall(b'{"cmd": "status"}\n')
+        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             data += s.recv(65536)

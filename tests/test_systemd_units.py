@@ -89,6 +89,7 @@ def test_unit_choices() -> None:
     assert one["DeviceAllow"] == "/dev/fuse rw"
     assert "CAP_SYS_ADMIN" in one["CapabilityBoundingSet"].split()
     assert one["ExecReload"].endswith(" reload")
+    assert one["ExecStart"].endswith(" --stop-mode handover")  # restarts hand mounts over
     # No option that gives the service a private mount namespace: mounts must reach the host.
     for key in ("ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts"):
         assert one.get(key, "no") == "no", key
