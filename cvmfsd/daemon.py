@@ -98,18 +98,18 @@ async def _adopt(rt: Runtime, plan: takeover.Plan) -> None:
     Names are marked mounted first, so nothing can boot a second backend for them."""
     staged = rootmount.staged_root(rt.cfg)
     for found in plan.adopt:
-        repo = rt.registry.get(found.name) or rt.registry.add(found.name)
+        repo = rt.registry.get(found.name) or rt.registry.add(found.name, found.fqrn, found.pin)
         try:
             process = Tracked.open(found.pid)
         except ProcessLookupError:
-            plan.stale.append(str(rt.cfg.root / found.name))
+            plan.stale.append(str(rt.cfg.root / found.path))
             continue
         rt.registry.adopted(repo, process, trio.current_time(), time.time())
 
         def attach(found: takeover.Found = found) -> None:
             rt.registry.enter_own_thread()
             try:
-                takeover.clone_onto(found, staged / found.name)
+                takeover.clone_onto(found, staged / found.path)
             finally:
                 rt.registry.leave_own_thread()
 
