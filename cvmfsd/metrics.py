@@ -2,16 +2,14 @@
 
 Gauges are read from the registry at scrape time, so they can never drift from what the status
 socket says. Counters and the mount latency histogram need every transition, which the registry
-does not keep: `MountObserver` sees them by wrapping the registry's lifecycle methods of this
-one daemon instance (begin_boot, booted, boot_failed, died) — the registry stays the one source
-of state, the observer only counts. The HTTP side is a deliberately tiny HTTP/1.0 responder on
-trio: bounded request size, a read deadline and a cap on concurrent clients, like the status
+does not keep: `MountObserver` is a registry observer (Registry.observe) — the registry stays
+the one source of state, the observer only counts. The HTTP side is a deliberately tiny
+HTTP/1.0 responder on trio: bounded request size, a read deadline and a cap on concurrent clients, like the status
 socket; one consistent snapshot per scrape, taken on the trio thread.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,7 +22,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from . import __version__
 from .errors import MountError
-from .lifecycle import State
+from .lifecycle import Event, State
 from .registry import Registry, Repo
 
 if TYPE_CHECKING:
@@ -56,25 +54,17 @@ class MountObserver:
                                  ["result"], buckets=LATENCY_BUCKETS, registry=prom)
         self.mounts_by_repo: dict[str, int] = {}
         self._started: dict[str, float] = {}
-        self._wrap(registry)
+        registry.observe(self._on_event)
 
-    def _wrap(self, registry: Registry) -> None:
-        # Instance attributes shadow the class's methods for this registry object only.
-        def after(original: Callable[..., None], hook: Callable[..., None]) -> Callable[..., None]:
-            @functools.wraps(original)
-            def wrapper(repo: Repo, *args: Any) -> None:
-                original(repo, *args)
-                try:
-                    hook(repo, *args)
-                except Exception:  # counting must never break the lifecycle
-                    log.exception("metrics_hook_failed", hook=hook.__name__)
-            return wrapper
-
-        registry.begin_boot = after(registry.begin_boot, self._begin)  # type: ignore[method-assign]
-        registry.booted = after(registry.booted, self._booted)  # type: ignore[method-assign]
-        registry.boot_failed = after(registry.boot_failed,  # type: ignore[method-assign]
-                                     self._failed)
-        registry.died = after(registry.died, self._died)  # type: ignore[method-assign]
+    def _on_event(self, event: Event, repo: Repo, error: MountError | None) -> None:
+        if event is Event.BOOT:
+            self._begin(repo)
+        elif event is Event.BOOTED:
+            self._booted(repo)
+        elif event is Event.BOOT_FAILED and error is not None:
+            self._failed(repo, error)
+        elif event in (Event.DIED, Event.CRASH_LOOP):
+            self._died(repo)
 
     def _begin(self, repo: Repo) -> None:
         self._started[repo.name] = time.monotonic()

@@ -66,7 +66,8 @@ class Mounter:
             error = LimitReached(f"{self.cfg.max_mounted} repositories are mounted already "
                                  "(max_mounted)")
             repo.last_error, repo.last_error_at = error, time.time()
-            log.warning("mount", repo=repo.name, result="refused", error=error.message)
+            log.warning("mount", repo=repo.name, result="refused", error=error.message,
+                        boot=repo.boots, duration_ms=0.0, exit_code=None)
             raise error
         assert self._nursery is not None
         self.registry.begin_boot(repo)
@@ -154,7 +155,7 @@ class Mounter:
         fields = {"repo": repo.name, "boot": repo.boots,
                   "duration_ms": round((trio.current_time() - started) * 1000, 1)}
         if error is None:
-            log.info("mount", result="mounted", serving_pid=pid, **fields)
+            log.info("mount", result="mounted", exit_code=0, serving_pid=pid, **fields)
         else:
             log.warning("mount", result="failed", exit_code=error.exit_code,
                         error=error.message, stderr_tail=error.stderr_tail[-400:],

@@ -7,9 +7,10 @@ nodeid and generation for the daemon's lifetime (DESIGN.md §3).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import structlog
 import trio
 
 from .children import Tracked
@@ -17,8 +18,13 @@ from .errors import MountError
 from .lifecycle import Event, State, backoff, crash_loop, may_boot, next_state
 from .names import SNAPSHOTS_DIR, Pin
 
+log = structlog.get_logger("cvmfsd.registry")
+
 ROOT_INODE = 1
 SNAPSHOTS_INODE = 2  # <root>/.snapshots: pinned instances; not listed in the root
+
+
+Observer = Callable[["Event", "Repo", "MountError | None"], None]
 
 
 @dataclass
@@ -71,7 +77,19 @@ class Registry:
         # Kernel thread ids of the daemon's own mount workers: their FUSE requests are answered
         # at once, never made to wait for the attach they are performing.
         self._own_tids: set[int] = set()
+        self._observers: list[Observer] = []
         self._tid_lock = threading.Lock()
+
+    def observe(self, observer: Observer) -> None:
+        """Call observer(event, repo, error) after each lifecycle step (metrics, not logic)."""
+        self._observers.append(observer)
+
+    def _notify(self, event: Event, repo: Repo, error: MountError | None = None) -> None:
+        for observer in self._observers:
+            try:
+                observer(event, repo, error)
+            except Exception:  # an observer must never break the lifecycle
+                log.exception("observer_failed", observer=repr(observer))
 
     def get(self, name: str) -> Repo | None:
         return self._by_name.get(name)
@@ -102,6 +120,7 @@ class Registry:
         repo.fire(Event.BOOT)
         repo.boots += 1
         repo.settled = trio.Event()
+        self._notify(Event.BOOT, repo)
 
     def booted(self, repo: Repo, process: Tracked, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOTED)
@@ -112,12 +131,14 @@ class Registry:
         repo.process = process
         repo.mounted_at, repo.mounted_since = monotonic, wall
         repo.settled.set()
+        self._notify(Event.BOOTED, repo)
 
     def adopted(self, repo: Repo, process: Tracked, monotonic: float, wall: float) -> None:
         repo.fire(Event.ADOPTED)
         repo.process = process
         repo.mounted_at, repo.mounted_since = monotonic, wall
         repo.settled.set()
+        self._notify(Event.ADOPTED, repo)
 
     def boot_failed(self, repo: Repo, error: MountError, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOT_FAILED)
@@ -125,6 +146,7 @@ class Registry:
         repo.retry_at = monotonic + backoff(repo.failures, *self._backoff)
         repo.last_error, repo.last_error_at = error, wall
         repo.settled.set()
+        self._notify(Event.BOOT_FAILED, repo, error)
 
     def gone(self, repo: Repo, event: Event) -> None:
         """The mount is no longer attached (unmounted or died)."""
@@ -153,8 +175,10 @@ class Registry:
             self.gone(repo, Event.CRASH_LOOP)
             repo.failures += 1
             repo.retry_at = monotonic + backoff(repo.failures, *self._backoff)
+            self._notify(Event.CRASH_LOOP, repo, error)
         else:
             self.gone(repo, Event.DIED)
+            self._notify(Event.DIED, repo, error)
 
     def active(self) -> int:
         """Repositories that hold (or are about to hold) a mount."""
