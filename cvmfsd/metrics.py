@@ -4,8 +4,8 @@ Gauges are read from the registry at scrape time, so they can never drift from w
 socket says. Counters and the mount latency histogram need every transition, which the registry
 does not keep: `MountObserver` is a registry observer (Registry.observe) — the registry stays
 the one source of state, the observer only counts. The HTTP side is a deliberately tiny
-HTTP/1.0 responder on trio: bounded request size, a read deadline and a cap on concurrent clients, like the status
-socket; one consistent snapshot per scrape, taken on the trio thread.
+HTTP/1.0 responder on trio: bounded request size, a read deadline and a cap on concurrent
+clients, like the status socket; one consistent snapshot per scrape, taken on the trio thread.
 """
 
 from __future__ import annotations
