@@ -57,16 +57,20 @@ def summary(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
     }
 
 
-def ratios(values: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
-    """Ratio of medians, plus min/max of the per-repetition (paired) ratios."""
-    if not values or not baseline:
-        return {"median": None, "min": None, "max": None}
-    paired = [v / b for v, b in zip(values, baseline, strict=False) if b > 0]
-    return {
-        "median": round(percentile(values, 50) / percentile(baseline, 50), 4),
-        "min": round(min(paired), 4) if paired else None,
-        "max": round(max(paired), 4) if paired else None,
-    }
+def paired_ratio(values: Sequence[Sequence[float]],
+                 baseline: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Ratio to a baseline measured in the same rounds: values[rep][round] / baseline[rep][round].
+
+    The median over every round is the figure; min/max are those of the per-repetition medians
+    (the spread between fresh mounts)."""
+    per_rep = [[v / b for v, b in zip(vs, bs, strict=True) if b > 0]
+               for vs, bs in zip(values, baseline, strict=True)]
+    every = [x for rep in per_rep for x in rep]
+    if not every:
+        return {"median": None, "min": None, "max": None, "rounds": 0}
+    medians = [percentile(rep, 50) for rep in per_rep if rep]
+    return {"median": round(percentile(every, 50), 4), "min": round(min(medians), 4),
+            "max": round(max(medians), 4), "rounds": len(every)}
 
 
 # --- progress -----------------------------------------------------------------------------------
@@ -267,6 +271,13 @@ class Worker:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def run_rounds(specfile: Path, mode: str, systems: dict[str, list[str]],
+               rounds: int) -> dict[str, Any]:
+    """One worker runs mode for every system, interleaved pass by pass (see worker.py)."""
+    specfile.write_text(json.dumps({"mode": mode, "rounds": rounds, "systems": systems}))
+    return run_worker("rounds", str(specfile))
 
 
 def run_worker(*args: str, timeout: float = 600.0) -> dict[str, Any]:

@@ -103,18 +103,21 @@ def _md_cold(res: dict[str, Any]) -> list[str]:
         f"first stat after it: {_span(res['direct_first_stat_ms'], '.2f')} ms; cvmfsd's own "
         f"logged mount duration: {_span(res['cvmfsd_logged_mount_ms'], '.1f')} ms.",
         "",
-        "| system | first access ms | launcher inside it ms | rest ms | overhead per access ms "
-        "| overhead, medians ms | boots | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | first access ms | launcher inside it ms | rest ms | (before / after "
+        "launcher) | overhead per access ms | overhead, medians ms | boots | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in res["systems"].items():
         rows.append(f"| {name} | {_span(s['first_access_ms'], '.1f')} | "
                     f"{_span(s['launcher_ms'], '.1f')} | {_span(s['outside_launcher_ms'])} | "
+                    f"{_f(s['before_launcher_ms']['median'])} / "
+                    f"{_f(s['after_launcher_ms']['median'])} | "
                     f"{_f(s.get('overhead_ms'), '+.2f')} | "
                     f"{_f(s.get('overhead_literal_ms'), '+.1f')} | {s['boots']} | "
                     f"{s['errors']} |")
     rows += ["", "*rest* = first access minus the run time of the cvmfs2 launcher inside it "
-             "(stamped by the counting wrapper); *overhead per access* = median rest minus "
+             "(stamped by the counting wrapper), split into the part before the launcher started "
+             "and the part after it exited (medians); *overhead per access* = median rest minus "
              "direct's median rest; *overhead, medians* = median first access minus median "
              "direct boot + first stat (the literal definition, carrying the boots' noise)."]
     return rows
@@ -123,13 +126,18 @@ def _md_cold(res: dict[str, Any]) -> list[str]:
 def _md_meta(res: dict[str, Any]) -> list[str]:
     p = res["params"]
     rows = [f"{p['stats_per_loop']} stats (every file of a {p['tree_dirs']}-directory tree) and "
-            f"a `find` over it, warm, {p['reps']} repetitions.", "",
-            "| system | 10k-stat loop ms | µs per stat | ratio | find ms | entries | ratio |",
-            "|---|---|---|---|---|---|---|"]
+            f"a `find` over it, warm; {p['reps']} repetitions on fresh mounts, each {p['rounds']} "
+            "rounds of one pass per system (interleaved). Times: median [min&ndash;max] of the "
+            "per-repetition medians; ratios: median of the per-round ratios to direct "
+            "[min&ndash;max of the per-repetition medians]; CPU: the same on the worker's CPU "
+            "time (immune to preemption by other jobs).", "",
+            "| system | stat loop ms | µs per stat | ratio | CPU ratio | find ms | entries "
+            "| ratio |", "|---|---|---|---|---|---|---|---|"]
     for name, s in res["systems"].items():
         rows.append(f"| {name} | {_span(s['stat_loop_ms'], '.1f')} | {s['stat_us_each']:.2f} | "
-                    f"{_ratio(s.get('stat_ratio'))} | {_span(s['find_ms'], '.1f')} | "
-                    f"{s['find_entries']} | {_ratio(s.get('find_ratio'))} |")
+                    f"{_ratio(s.get('stat_ratio'))} | {_ratio(s.get('stat_cpu_ratio'))} | "
+                    f"{_span(s['find_ms'], '.1f')} | {s['find_entries']} | "
+                    f"{_ratio(s.get('find_ratio'))} |")
     return rows
 
 
@@ -137,16 +145,17 @@ def _md_reads(res: dict[str, Any]) -> list[str]:
     p = res["params"]
     rows = [f"Sequential read of a {p['large_mib']} MiB file (1 MiB reads), {p['rand_reads']} "
             f"random {p['rand_block']} B preads in it, whole reads of {p['small_files']} files of "
-            f"{p['small_bytes']} B; warm; {p['reps']} repetitions.", "",
-            "| system | sequential ms (MiB/s) | ratio | random ms | ratio | small files ms "
-            "| ratio |",
-            "|---|---|---|---|---|---|---|"]
+            f"{p['small_bytes']} B; warm; {p['reps']} repetitions on fresh mounts, each "
+            f"{p['rounds']} interleaved rounds (figures as for metadata).", "",
+            "| system | kind | ms | MiB/s | ratio | CPU ratio |", "|---|---|---|---|---|---|"]
+    labels = {"seq_large": "sequential", "rand_large": "random 4 KiB",
+              "small_files": "small files"}
     for name, s in res["systems"].items():
-        seq, rnd, sml = s["seq_large"], s["rand_large"], s["small_files"]
-        rows.append(f"| {name} | {_span(seq['ms'], '.1f')} ({_f(seq.get('mib_per_s'), '.0f')}) | "
-                    f"{_ratio(seq.get('ratio'))} | {_span(rnd['ms'], '.1f')} | "
-                    f"{_ratio(rnd.get('ratio'))} | {_span(sml['ms'], '.1f')} | "
-                    f"{_ratio(sml.get('ratio'))} |")
+        for kind, label in labels.items():
+            e = s[kind]
+            rows.append(f"| {name} | {label} | {_span(e['ms'], '.1f')} | "
+                        f"{_f(e.get('mib_per_s'), '.0f')} | {_ratio(e.get('ratio'))} | "
+                        f"{_ratio(e.get('cpu_ratio'))} |")
     return rows
 
 

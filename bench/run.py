@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="parent of the private work directory (default: the system temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, maps)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                   help="first wait up to this long for the 1-minute load average to drop "
-                   "below half the CPU count (a shared machine: other jobs skew every figure)")
+                   help="before each scenario, wait up to this long for the 1-minute load "
+                   "average to drop below half the CPU count (other jobs skew every figure)")
     p.add_argument("--cvmfsd-rev", metavar="REV", default=None,
                    help="measure cvmfsd and the CSI plugin as committed in this git revision "
                    "(exported with git archive) instead of the working tree")
@@ -165,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     set_child_subreaper()
     progress = Progress()
-    if args.wait_quiet:
-        wait_quiet(progress, args.wait_quiet)
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="cvmfsd-bench-", dir=args.workdir))
@@ -207,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         info_done = False
         for scenario in selected:
             progress.begin(scenario, f"{scenario}{' (quick)' if args.quick else ''}")
+            if args.wait_quiet:
+                wait_quiet(progress, args.wait_quiet)
             s0 = time.monotonic()
             load0 = os.getloadavg()[0]
             module = importlib.import_module(f"bench.scenarios.{scenario}")

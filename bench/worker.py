@@ -9,13 +9,21 @@ One-shot modes:
   cold PATH                       one stat of PATH (a first access: this process never saw it)
   storm SEED PATH...              stat each PATH in a shuffled order, one timing per access
 
-Warm modes run the work once untimed (caches warm), then PASSES times timed, and report the
-median pass (and every pass):
-  stat-loop PASSES LISTFILE              stat every path in LISTFILE
-  find PASSES DIR                        `find DIR` (output discarded, entries counted)
-  read-seq PASSES FILE BUFSIZE           read FILE front to back
-  read-rand PASSES FILE N BLOCK SEED     N preads of BLOCK bytes at random aligned offsets
-  read-small PASSES LISTFILE             read every file in LISTFILE whole
+Warm work, one pass of:
+  stat-loop LISTFILE              stat every path in LISTFILE
+  find DIR                        `find DIR` (output discarded, entries counted)
+  read-seq FILE BUFSIZE           read FILE front to back
+  read-rand FILE N BLOCK SEED     N preads of BLOCK bytes at random aligned offsets
+  read-small LISTFILE             read every file in LISTFILE whole
+is run by
+  rounds SPECFILE                 SPECFILE (JSON): {"rounds": R, "mode": M,
+                                  "systems": {name: [args of M], ...}}
+which runs one untimed pass per system (caches warm), then R rounds, each one timed pass per
+system in a rotated order. Interleaving at the grain of one pass puts every burst of load from
+elsewhere on the machine on all systems alike, so per-round ratios stay meaningful on a busy
+machine. Each pass is timed in wall-clock time and in the worker thread's CPU time (immune to
+preemption; meaningful where the work happens in the caller's kernel context: cached stats and
+page-cache reads).
 """
 
 from __future__ import annotations
@@ -80,9 +88,8 @@ def one_shot(mode: str, args: list[str]) -> Work | None:
     return None
 
 
-def warm_work(mode: str, args: list[str]) -> tuple[Callable[[], dict[str, Any]], int]:
-    """(one pass of the work returning its extra figures, number of timed passes)."""
-    passes, args = int(args[0]), args[1:]
+def warm_work(mode: str, args: list[str]) -> Work:
+    """One pass of the work, returning its extra figures (entries, bytes, ...)."""
     if mode == "stat-loop":
         paths = _paths(args[0])
 
@@ -91,7 +98,7 @@ def warm_work(mode: str, args: list[str]) -> tuple[Callable[[], dict[str, Any]],
                 os.stat(p)
             return {"count": len(paths)}
 
-        return stat_loop, passes
+        return stat_loop
     if mode == "find":
         (root,) = args
 
@@ -99,10 +106,10 @@ def warm_work(mode: str, args: list[str]) -> tuple[Callable[[], dict[str, Any]],
             out = subprocess.run(["find", root], capture_output=True, check=True).stdout
             return {"entries": out.count(b"\n")}
 
-        return find, passes
+        return find
     if mode == "read-seq":
         path, bufsize = args[0], int(args[1])
-        return (lambda: {"bytes": _read_all(path, bufsize)}), passes
+        return lambda: {"bytes": _read_all(path, bufsize)}
     if mode == "read-rand":
         path, count, block, seed = args[0], int(args[1]), int(args[2]), int(args[3])
         size = os.stat(path).st_size
@@ -117,33 +124,46 @@ def warm_work(mode: str, args: list[str]) -> tuple[Callable[[], dict[str, Any]],
             return {"bytes": total, "count": count}
 
         _read_all(path)  # the whole file in the page cache first
-        return read_rand, passes
+        return read_rand
     if mode == "read-small":
         paths = _paths(args[0])
-        return (lambda: {"bytes": sum(_read_all(p) for p in paths), "count": len(paths)}), passes
+        return lambda: {"bytes": sum(_read_all(p) for p in paths), "count": len(paths)}
     raise SystemExit(f"unknown mode {mode!r}")
+
+
+def rounds(specfile: str) -> Work:
+    with open(specfile) as f:
+        spec = json.load(f)
+    works = {name: warm_work(spec["mode"], args) for name, args in spec["systems"].items()}
+    names = list(works)
+
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {n: {"wall_ns": [], "cpu_ns": []} for n in names}
+        for name in names:
+            out[name]["extra"] = works[name]()  # warm: dentries, attributes, pages cached
+        for r in range(spec["rounds"]):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                c0, t0 = time.thread_time_ns(), ns()
+                works[name]()
+                t1, c1 = ns(), time.thread_time_ns()
+                out[name]["wall_ns"].append(t1 - t0)
+                out[name]["cpu_ns"].append(c1 - c0)
+        return out
+
+    return run
 
 
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
-    shot = one_shot(mode, args)
-    if shot is None:
-        work, passes = warm_work(mode, args)
+    work = one_shot(mode, args) or (rounds(args[0]) if mode == "rounds" else None)
+    if work is None:
+        raise SystemExit(f"unknown mode {mode!r}")
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     if not os.read(0, 1):  # the harness closed stdin: it gave up, so do nothing
         return
-    if shot is not None:
-        result = shot()
-    else:
-        result = work()  # warm: dentries, attributes, pages in the kernel caches
-        times = []
-        for _ in range(passes):
-            t0 = ns()
-            result = work()
-            times.append(ns() - t0)
-        result["all_ns"] = times
-        result["ns"] = sorted(times)[len(times) // 2]
+    result = work()
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 

@@ -28,7 +28,7 @@ class Launch:
     """One cvmfs2 launch seen by the counting wrapper; ms and rc once the launcher exited."""
 
     fqrn: str
-    start: float
+    start: float                   # CLOCK_REALTIME, seconds ($EPOCHREALTIME)
     ms: float | None = None
     rc: int | None = None
 
@@ -64,10 +64,10 @@ class Backend:
         """One repository name per cvmfs2 launch, in launch order."""
         return [launch.fqrn for launch in self.launches()]
 
-    def launcher_ms(self, fqrn: str) -> float | None:
-        """Run time of the (last) launcher of fqrn: the backend's own boot inside an access."""
-        times = [la.ms for la in self.launches() if la.fqrn == fqrn and la.ms is not None]
-        return times[-1] if times else None
+    def last_launch(self, fqrn: str) -> Launch | None:
+        """The last finished launch of fqrn (its run time: the backend's own boot)."""
+        done = [la for la in self.launches() if la.fqrn == fqrn and la.ms is not None]
+        return done[-1] if done else None
 
     def options(self) -> str:
         """The -o options cvmfsd passes (and mount.cvmfs, minus uid/gid: the stand-in runs as

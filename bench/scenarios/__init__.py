@@ -20,11 +20,11 @@ class Sizes:
     """Every size knob, full run by default; QUICK below is the CI smoke size.
     Override any of them with ``--set name=value``."""
 
-    cold_reps: int = 30            # fresh repositories per system
+    cold_reps: int = 40            # fresh repositories per system
     meta_dirs: int = 100           # tree: meta_dirs x meta_files files (+ directories)
     meta_files: int = 100
     meta_reps: int = 9
-    warm_passes: int = 5           # timed passes per warm measurement (the median one counts)
+    warm_rounds: int = 11          # warm scenarios: timed passes per system per repetition
     read_large_mib: int = 64
     read_small_count: int = 1000
     read_small_bytes: int = 4096
@@ -51,7 +51,7 @@ class Sizes:
         setattr(self, name, kind(value))
 
 
-QUICK = dict(cold_reps=3, meta_dirs=10, meta_files=30, meta_reps=2, warm_passes=2,
+QUICK = dict(cold_reps=3, meta_dirs=10, meta_files=30, meta_reps=2, warm_rounds=2,
              read_large_mib=4,
              read_small_count=50, read_rand_count=500, read_reps=2, storm_procs=8,
              storm_repos=4, storm_reps=1, footprint_counts="0,1,3", footprint_window_s=1.0,

@@ -16,6 +16,7 @@ The automounter's overhead is reported two ways:
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..common import percentile, run_worker, summary
@@ -30,6 +31,10 @@ def run(ctx: Context) -> dict[str, Any]:
     repos = {(i, n): ctx.ws.tiny(f"cold{i:03d}-{n}.{DOMAIN}") for i in range(reps) for n in names}
     total: dict[str, list[float]] = {n: [] for n in names}
     outside: dict[str, list[float]] = {n: [] for n in names}
+    before: dict[str, list[float]] = {n: [] for n in names}   # access start -> launcher start
+    after: dict[str, list[float]] = {n: [] for n in names}    # launcher exit -> answer
+    # The wrapper stamps CLOCK_REALTIME, the workers CLOCK_MONOTONIC: one offset converts.
+    offset_ns = time.time_ns() - time.perf_counter_ns()
     launcher: dict[str, list[float]] = {n: [] for n in names}
     errors = dict.fromkeys(names, 0)
     boot_ms: list[float] = []
@@ -50,11 +55,16 @@ def run(ctx: Context) -> dict[str, Any]:
                     line.append(f"{name} errno {result['errno']}")
                     continue
                 took = boot + ms(result["ns"])
-                inner = system.backend.launcher_ms(repo)
+                launch = system.backend.last_launch(repo)
                 total[name].append(took)
-                if inner is not None:
-                    launcher[name].append(inner)
-                    outside[name].append(round(took - inner, 4))
+                if launch is not None and launch.ms is not None:
+                    launcher[name].append(launch.ms)
+                    outside[name].append(round(took - launch.ms, 4))
+                    began = (system.started_ns[repo] if isinstance(system, Direct)
+                             else result["start_ns"])
+                    pre = ms(launch.start * 1e9 - offset_ns - began)
+                    before[name].append(pre)
+                    after[name].append(round(took - launch.ms - pre, 4))
                 if isinstance(system, Direct):
                     boot_ms.append(boot)
                     first_stat_ms.append(ms(result["ns"]))
@@ -76,6 +86,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "launcher_ms": summary(launcher[name]),
             "outside_launcher_ms": summary(outside[name]),
             "outside_samples_ms": outside[name],
+            "before_launcher_ms": summary(before[name]),
+            "after_launcher_ms": summary(after[name]),
             "boots": boots[name],
             "errors": errors[name],
         }

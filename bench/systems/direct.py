@@ -27,6 +27,7 @@ class Direct(System):
         super().__init__(ws, tag)
         self.mounted: list[str] = []
         self.boot_ns: dict[str, int] = {}
+        self.started_ns: dict[str, int] = {}  # perf_counter_ns when each boot was started
 
     def setup(self, repos: Sequence[str] = ()) -> None:
         self.mount_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ class Direct(System):
         """Boot repo at its mount point; return the launch time in ns."""
         mp = self.path(repo)
         mp.mkdir(exist_ok=True)
-        t0 = time.perf_counter_ns()
+        t0 = self.started_ns[repo] = time.perf_counter_ns()
         done = subprocess.run(self.argv(repo), capture_output=True, text=True, cwd="/",
                               env=BOOT_ENV, timeout=120)
         took = time.perf_counter_ns() - t0
