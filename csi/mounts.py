@@ -15,8 +15,6 @@ Rules this module keeps (see /work/shared/DESIGN.md):
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
 import errno
 import os
@@ -25,122 +23,51 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+# The syscall layer is the daemon's (one copy): mount(2)/umount2(2) flags, the new mount API,
+# mountinfo's escapes. Names re-exported for csi.node and the tests.
+from cvmfsd.kernel import (
+    AT_EMPTY_PATH as AT_EMPTY_PATH,
+    AT_RECURSIVE as AT_RECURSIVE,
+    MNT_DETACH as MNT_DETACH,
+    MOUNT_ATTR_NODEV as MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOEXEC as MOUNT_ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID as MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY as MOUNT_ATTR_RDONLY,
+    MOVE_MOUNT_F_EMPTY_PATH as MOVE_MOUNT_F_EMPTY_PATH,
+    MOVE_MOUNT_T_EMPTY_PATH as MOVE_MOUNT_T_EMPTY_PATH,
+    MS_BIND as MS_BIND,
+    MS_MOVE as MS_MOVE,
+    MS_NODEV as MS_NODEV,
+    MS_NOEXEC as MS_NOEXEC,
+    MS_NOSUID as MS_NOSUID,
+    MS_PRIVATE as MS_PRIVATE,
+    MS_RDONLY as MS_RDONLY,
+    MS_REC as MS_REC,
+    MS_REMOUNT as MS_REMOUNT,
+    MS_SHARED as MS_SHARED,
+    MS_SLAVE as MS_SLAVE,
+    OPEN_TREE_CLOEXEC as OPEN_TREE_CLOEXEC,
+    OPEN_TREE_CLONE as OPEN_TREE_CLONE,
+    UMOUNT_NOFOLLOW as UMOUNT_NOFOLLOW,
+    fd_mount_id as fd_mount_id,
+    mount as _mount,
+    mount_setattr as mount_setattr,
+    move_mount as move_mount,
+    open_tree as open_tree,
+    umount as umount,
+    unescape_mountinfo as _unescape,
+)
+
 T = TypeVar("T")
-
-# mount(2) flags
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_MOVE = 0x2000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
-# umount2(2) flags
-MNT_DETACH = 0x2
-UMOUNT_NOFOLLOW = 0x8
-
-# The new mount API (open_tree/move_mount: Linux 5.2, mount_setattr: 5.12). These syscalls have the
-# same number on every architecture (they were added after the syscall tables were unified).
-SYS_OPEN_TREE = 428
-SYS_MOVE_MOUNT = 429
-SYS_MOUNT_SETATTR = 442
-OPEN_TREE_CLONE = 0x1
-OPEN_TREE_CLOEXEC = os.O_CLOEXEC
-AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOVE_MOUNT_T_EMPTY_PATH = 0x40
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-MOUNT_ATTR_NOEXEC = 0x8
 
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 # errnos that mean "the FUSE connection behind this mount is gone"
 DEAD_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.mount.restype = ctypes.c_int
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.umount2.restype = ctypes.c_int
-_libc.syscall.restype = ctypes.c_long
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def _check(rc: int, what: str, path: str | None = None) -> int:
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", path)
-    return rc
-
-
-def _b(path: str | None) -> bytes | None:
-    return None if path is None else os.fsencode(path)
-
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    """mount(2)."""
-    data_b = data.encode() if data else None
-    rc = _libc.mount(_b(source or "none"), _b(target), _b(fstype), flags, data_b)
-    _check(rc, "mount", target)
-
-
-def umount(target: str, flags: int = 0) -> None:
-    """umount2(2)."""
-    _check(_libc.umount2(_b(target), flags), "umount2", target)
-
-
-def open_tree(dirfd: int, path: str, flags: int) -> int:
-    rc = _libc.syscall(
-        ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags)
-    )
-    return _check(rc, "open_tree", path)
-
-
-def move_mount(from_fd: int, from_path: str, to_fd: int, to_path: str, flags: int) -> None:
-    rc = _libc.syscall(
-        ctypes.c_long(SYS_MOVE_MOUNT),
-        ctypes.c_int(from_fd),
-        _b(from_path),
-        ctypes.c_int(to_fd),
-        _b(to_path),
-        ctypes.c_uint(flags),
-    )
-    _check(rc, "move_mount", to_path)
-
-
-def mount_setattr(
-    dirfd: int, path: str, flags: int, attr_set: int = 0, attr_clr: int = 0, propagation: int = 0
-) -> None:
-    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
-    rc = _libc.syscall(
-        ctypes.c_long(SYS_MOUNT_SETATTR),
-        ctypes.c_int(dirfd),
-        _b(path),
-        ctypes.c_uint(flags),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
-    )
-    _check(rc, "mount_setattr", path)
+    """mount(2); a missing source is "none" (what mount(8) passes for remounts)."""
+    _mount(source or "none", target, fstype, flags, data or None)
 
 
 _new_api: bool | None = None
@@ -170,15 +97,6 @@ def new_mount_api_available() -> bool:
     return _new_api
 
 
-def fd_mount_id(fd: int) -> int:
-    """The mount id (as in mountinfo) of the mount an open fd belongs to."""
-    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("mnt_id:"):
-                return int(line.split()[1])
-    raise OSError(errno.EINVAL, "no mnt_id in fdinfo", f"/proc/self/fdinfo/{fd}")
-
-
 def fd_path(fd: int) -> str:
     """The magic-link path that names exactly what fd refers to."""
     return f"/proc/self/fd/{fd}"
@@ -186,23 +104,6 @@ def fd_path(fd: int) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # mountinfo
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (\\040 etc.) for space, tab, newline and backslash."""
-    if "\\" not in field:
-        return field
-    raw = field.encode("utf-8", "surrogateescape")
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
@@ -59,7 +60,8 @@ def umount(target: str | os.PathLike[str], flags: int = 0, follow: bool = False)
     _check(_libc.umount2(_b(target), flags), "umount2", target)
 
 
-def move_mount(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+def move(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """MS_MOVE: source's parent mount must not be shared."""
     mount(source, target, None, MS_MOVE)
 
 
@@ -88,7 +90,7 @@ class MountEntry:
         return any(tag.startswith("shared:") for tag in self.optional)
 
 
-def _unescape(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -102,15 +104,17 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         if len(fields) < 6 or len(rfields) < 3:
             continue
         entries.append(MountEntry(
-            mount_id=int(fields[0]), parent_id=int(fields[1]), mountpoint=_unescape(fields[4]),
-            fstype=rfields[0], source=_unescape(rfields[1]), options=fields[5],
+            mount_id=int(fields[0]), parent_id=int(fields[1]),
+            mountpoint=unescape_mountinfo(fields[4]), fstype=rfields[0],
+            source=unescape_mountinfo(rfields[1]), options=fields[5],
             optional=tuple(fields[6:]),
         ))
     return entries
 
 
 def read_mountinfo(pid: int | str = "self") -> list[MountEntry]:
-    return parse_mountinfo(Path(f"/proc/{pid}/mountinfo").read_text())
+    # Mount points are bytes: keep any that are not UTF-8 round-trippable.
+    return parse_mountinfo(Path(f"/proc/{pid}/mountinfo").read_text(errors="surrogateescape"))
 
 
 def mounts_at(path: str, entries: list[MountEntry] | None = None) -> list[MountEntry]:
@@ -130,40 +134,72 @@ def is_enotconn(err: OSError) -> bool:
     return err.errno == errno.ENOTCONN
 
 
-# --- new mount API (Linux 5.2+; these syscall numbers are the same on every architecture) -----
-_SYS_OPEN_TREE = 428
-_SYS_MOVE_MOUNT = 429
-OPEN_TREE_CLONE = 1
+# --- new mount API (open_tree/move_mount: Linux 5.2, mount_setattr: 5.12). These syscalls have
+# the same number on every architecture (added after the syscall tables were unified). ----------
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
-AT_FDCWD = -100
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
 _libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _check_rc(rc: int, what: str, path: str | os.PathLike[str] | None) -> int:
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", None if path is None else str(path))
+    return rc
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    rc = _libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(dirfd), _b(path),
+                       ctypes.c_uint(flags))
+    return _check_rc(rc, "open_tree", path)
+
+
+def move_mount(from_fd: int, from_path: str, to_fd: int, to_path: str | os.PathLike[str],
+               flags: int) -> None:
+    rc = _libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(from_fd), _b(from_path),
+                       ctypes.c_int(to_fd), _b(to_path), ctypes.c_uint(flags))
+    _check_rc(rc, "move_mount", to_path)
+
+
+def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int = 0, attr_clr: int = 0,
+                  propagation: int = 0) -> None:
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    rc = _libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(dirfd), _b(path),
+                       ctypes.c_uint(flags), ctypes.byref(attr),
+                       ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check_rc(rc, "mount_setattr", path)
 
 
 def open_tree_clone(fd: int) -> int:
     """A detached clone of the mount that fd (O_PATH, at a mount root) points at."""
-    result = _libc.syscall(_SYS_OPEN_TREE, ctypes.c_int(fd), b"",
-                           ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"open_tree: {os.strerror(err)}")
-    return int(result)
+    return open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH)
 
 
-def move_mount_fd(fd: int, target: str | os.PathLike[str]) -> None:
-    """Attach the detached mount fd at target."""
-    result = _libc.syscall(_SYS_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(AT_FDCWD),
-                           os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"move_mount: {os.strerror(err)}", str(target))
+def attach_detached(fd: int, target: str | os.PathLike[str]) -> None:
+    """Attach a detached mount (from open_tree_clone) at target."""
+    move_mount(fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)
 
 
-def mount_id_of_fd(fd: int) -> int:
-    """The mnt_id of the mount an open fd lives on (/proc/self/fdinfo)."""
+def fd_mount_id(fd: int) -> int:
+    """The mount id (as in mountinfo) of the mount an open fd belongs to."""
     for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
         if line.startswith("mnt_id:"):
             return int(line.split()[1])
-    raise OSError(f"no mnt_id for fd {fd}")
+    raise OSError(errno.EINVAL, "no mnt_id in fdinfo", f"/proc/self/fdinfo/{fd}")

@@ -138,7 +138,7 @@ class Mounter:
                 raise AttachFailed(f"cvmfs2 mounted {fqrn!r} for {repo.fqrn!r}")
             process = Tracked.open(backend.serving_pid(staging))
             try:
-                kernel.move_mount(staging, self.cfg.root / repo.path)
+                kernel.move(staging, self.cfg.root / repo.path)
             except OSError:
                 process.close()
                 raise

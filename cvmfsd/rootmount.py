@@ -46,7 +46,7 @@ def publish(cfg: Config) -> None:
     """Move the staged root (with whatever is attached below it) onto the root path, in one
     syscall, stacked on a previous dead root if there is one; then make it shared so that pod
     views (slave binds) receive every later attach."""
-    kernel.move_mount(staged_root(cfg), cfg.root)
+    kernel.move(staged_root(cfg), cfg.root)
     kernel.set_propagation(cfg.root, kernel.MS_SHARED)
     with contextlib.suppress(OSError):
         staged_root(cfg).rmdir()

@@ -92,7 +92,7 @@ def _inspect(cfg: Config, path: str, mount_id: int) -> Found | None:
     except OSError:
         return None
     try:
-        if kernel.mount_id_of_fd(fd) != mount_id:
+        if kernel.fd_mount_id(fd) != mount_id:
             raise OSError("not the mount mountinfo lists")
         via_fd = Path(f"/proc/self/fd/{fd}")
         if backend.mounted_fqrn(via_fd) != fqrn:
@@ -151,7 +151,7 @@ def clone_onto(found: Found, target: Path) -> None:
     """Attach a clone of an old repository mount at target (a name under the staged root)."""
     clone = kernel.open_tree_clone(found.fd)
     try:
-        kernel.move_mount_fd(clone, target)
+        kernel.attach_detached(clone, target)
     finally:
         os.close(clone)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cvmfsd import backend
 from cvmfsd.config import Config
