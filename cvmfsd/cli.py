@@ -11,8 +11,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, log
-from . import config as config_mod
+from . import __version__, config as config_mod, log
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
