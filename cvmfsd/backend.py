@@ -92,7 +92,10 @@ async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path,
     err = os.memfd_create("cvmfs2-stderr", os.MFD_CLOEXEC)
     try:
         started = time.monotonic()
-        pid = children.spawn(argv(cfg, fqrn, mountpoint, pin_config), stdout=out, stderr=err)
+        try:
+            pid = children.spawn(argv(cfg, fqrn, mountpoint, pin_config), stdout=out, stderr=err)
+        except OSError as exc:  # e.g. the client was uninstalled since the daemon started
+            raise MountError(f"cannot start {cfg.cvmfs2}: {exc.strerror}") from exc
         try:
             with trio.move_on_after(cfg.mount_timeout) as timeout:
                 status = await children.wait(pid)
