@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLORS = {"direct": "#7f7f7f", "autofs": "#d62728", "cvmfsd": "#1f77b4"}
+COLORS = {"direct": "#7f7f7f", "direct2": "#c7c7c7", "autofs": "#d62728", "cvmfsd": "#1f77b4"}
+LABELS = {"direct2": "direct2 (A/A control)"}
 DPI = 90
 
 
@@ -138,6 +139,13 @@ def _md_meta(res: dict[str, Any]) -> list[str]:
                     f"{_ratio(s.get('stat_ratio'))} | {_ratio(s.get('stat_cpu_ratio'))} | "
                     f"{_span(s['find_ms'], '.1f')} | {s['find_entries']} | "
                     f"{_ratio(s.get('find_ratio'))} |")
+    head = res["systems"].get("cvmfsd", {})
+    if head.get("stat_vs_autofs"):
+        rows += ["", f"Head to head, round by round, cvmfsd / autofs: stats "
+                 f"{_ratio(head['stat_vs_autofs'])}, find {_ratio(head['find_vs_autofs'])}."]
+    if "direct2" in res["systems"]:
+        rows += ["", "direct2 is a second direct mount of the same repository: the A/A control, "
+                 "how far two identical mounts differ here."]
     return rows
 
 
@@ -156,6 +164,12 @@ def _md_reads(res: dict[str, Any]) -> list[str]:
             rows.append(f"| {name} | {label} | {_span(e['ms'], '.1f')} | "
                         f"{_f(e.get('mib_per_s'), '.0f')} | {_ratio(e.get('ratio'))} | "
                         f"{_ratio(e.get('cpu_ratio'))} |")
+    head = res["systems"].get("cvmfsd", {})
+    if head.get("seq_large", {}).get("vs_autofs"):
+        rows += ["", "Head to head, round by round, cvmfsd / autofs: " + ", ".join(
+            f"{label} {_ratio(head[kind]['vs_autofs'])}" for kind, label in labels.items()) + "."]
+    if "direct2" in res["systems"]:
+        rows += ["", "direct2 is a second direct mount (the A/A control)."]
     return rows
 
 
@@ -259,7 +273,7 @@ def _plot_cold(plt: Any, sc: dict[str, Any]) -> Any:
 def _plot_warm(plt: Any, sc: dict[str, Any]) -> Any:
     meta, reads = sc["metadata"]["systems"], sc["reads"]["systems"]
     systems = [n for n in meta if n != "direct"]
-    labels = ["10k stats", "find", "seq read", "random 4K", "small files"]
+    labels = ["stat loop", "find", "seq read", "random 4K", "small files"]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / max(1, len(systems))
     for j, name in enumerate(systems):
@@ -270,7 +284,7 @@ def _plot_warm(plt: Any, sc: dict[str, Any]) -> Any:
         med = [x["median"] for x in rs]
         err = [[x["median"] - x["min"] for x in rs], [x["max"] - x["median"] for x in rs]]
         ax.bar(xs, [m - 1 for m in med], width * 0.9, bottom=1, color=COLORS.get(name),
-               label=name, yerr=err, capsize=3, ecolor="#444")
+               label=LABELS.get(name, name), yerr=err, capsize=3, ecolor="#444")
         for x, m in zip(xs, med, strict=True):
             ax.annotate(f"{m:.3f}", (x, m), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize=7)

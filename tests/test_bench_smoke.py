@@ -68,6 +68,7 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
         storm = sc["storm"]["systems"][system]
         assert storm["errors"] == 0 and _number(storm["latency_ms"]["p99"])
         assert storm["boots_per_rep"] == [results["sizes"]["storm_repos"]]
+    assert _number(sc["metadata"]["systems"]["direct2"]["stat_ratio"]["median"])  # A/A control
     for system in expected - {"direct"}:
         assert _number(sc["cold"]["systems"][system]["overhead_ms"])
         fp = sc["footprint"]["systems"][system]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..common import Progress
-from ..systems import System, make
+from ..systems import CONTROL, System, make
 from ..workspace import Workspace
 
 ORDER = ("cold", "metadata", "reads", "storm", "footprint", "csi")
@@ -70,6 +70,11 @@ class Context:
 
     def say(self, message: str) -> None:
         self.progress.say(message)
+
+    def warm_systems(self) -> tuple[str, ...]:
+        """The systems of the warm scenarios: every system, plus the A/A control (a second
+        direct mount) that shows how far two identical mounts differ on this machine."""
+        return self.systems + ((CONTROL,) if "direct" in self.systems else ())
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from . import Context, rotated, started
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    names = ctx.systems
+    names = ctx.warm_systems()
     sz = ctx.sizes
     rels = ctx.ws.tree(sz.meta_dirs, sz.meta_files)
     # [system][rep] -> per-round times (ms)
@@ -34,7 +34,7 @@ def run(ctx: Context) -> dict[str, Any]:
     for i in range(sz.meta_reps):
         order = rotated(names, i)
         with started(ctx, order, f"meta{i}",
-                     repos=lambda n: [TREE_REPO] if n == "direct" else []) as sy:
+                     repos=lambda n: [TREE_REPO] if n.startswith("direct") else []) as sy:
             lists = {}
             for name in order:
                 root = sy[name].path(TREE_REPO)
@@ -72,6 +72,10 @@ def run(ctx: Context) -> dict[str, Any]:
             out[name]["stat_ratio"] = paired_ratio(stat_wall[name], stat_wall["direct"])
             out[name]["stat_cpu_ratio"] = paired_ratio(stat_cpu[name], stat_cpu["direct"])
             out[name]["find_ratio"] = paired_ratio(find_wall[name], find_wall["direct"])
+        if name == "cvmfsd" and "autofs" in names:
+            # Head to head, round by round: "no worse than autofs" is this ratio <= 1.
+            out[name]["stat_vs_autofs"] = paired_ratio(stat_wall[name], stat_wall["autofs"])
+            out[name]["find_vs_autofs"] = paired_ratio(find_wall[name], find_wall["autofs"])
     return {
         "params": {"stats_per_loop": len(rels), "tree_files": len(rels),
                    "rounds": sz.warm_rounds, "tree_dirs": sz.meta_dirs, "reps": sz.meta_reps},

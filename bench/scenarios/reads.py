@@ -21,7 +21,7 @@ KINDS = ("seq_large", "rand_large", "small_files")
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    names = ctx.systems
+    names = ctx.warm_systems()
     sz = ctx.sizes
     large, small = ctx.ws.data(sz.read_large_mib << 20, sz.read_small_count, sz.read_small_bytes)
     # [system][kind][rep] -> per-round times (ms)
@@ -31,7 +31,7 @@ def run(ctx: Context) -> dict[str, Any]:
     for i in range(sz.read_reps):
         order = rotated(names, i)
         with started(ctx, order, f"reads{i}",
-                     repos=lambda n: [DATA_REPO] if n == "direct" else []) as sy:
+                     repos=lambda n: [DATA_REPO] if n.startswith("direct") else []) as sy:
             lists = {}
             for name in order:
                 root = sy[name].path(DATA_REPO)
@@ -69,6 +69,8 @@ def run(ctx: Context) -> dict[str, Any]:
             if "direct" in names:
                 entry["ratio"] = paired_ratio(wall[name][kind], wall["direct"][kind])
                 entry["cpu_ratio"] = paired_ratio(cpu[name][kind], cpu["direct"][kind])
+            if name == "cvmfsd" and "autofs" in names:
+                entry["vs_autofs"] = paired_ratio(wall[name][kind], wall["autofs"][kind])
             out[name][kind] = entry
     return {
         "params": {"large_mib": sz.read_large_mib, "rand_reads": sz.read_rand_count,

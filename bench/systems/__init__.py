@@ -9,12 +9,14 @@ from .cvmfsd import Cvmfsd
 from .direct import Direct
 
 NAMES = ("direct", "autofs", "cvmfsd")
+CONTROL = "direct2"  # a second direct mount, the A/A control of the warm scenarios
 
 
 def make(name: str, ws: Workspace, tag: str = "", **kw: object) -> System:
     """A fresh, not yet set up, instance of system *name* with its own directory below ws."""
-    cls: type[System] = {"direct": Direct, "autofs": Autofs, "cvmfsd": Cvmfsd}[name]
+    cls: type[System] = {"direct": Direct, "autofs": Autofs, "cvmfsd": Cvmfsd,
+                         CONTROL: Direct.control()}[name]
     return cls(ws, tag, **kw)
 
 
-__all__ = ["NAMES", "Autofs", "Cvmfsd", "Direct", "System", "make"]
+__all__ = ["CONTROL", "NAMES", "Autofs", "Cvmfsd", "Direct", "System", "make"]

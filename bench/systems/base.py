@@ -20,10 +20,11 @@ class System:
     """
 
     name = "system"
+    dirname = ""  # the directory label, when it is not the name (6 characters, like the others)
 
     def __init__(self, ws: Workspace, tag: str = "") -> None:
         self.ws = ws
-        self.label = self.name + (f"-{tag}" if tag else "")
+        self.label = (self.dirname or self.name) + (f"-{tag}" if tag else "")
         self.backend: Backend = ws.backend(self.label)
         self.dir = self.backend.dir
         self.mount_dir = self.dir / "cvmfs"

@@ -29,6 +29,12 @@ class Direct(System):
         self.boot_ns: dict[str, int] = {}
         self.started_ns: dict[str, int] = {}  # perf_counter_ns when each boot was started
 
+    @classmethod
+    def control(cls) -> type[Direct]:
+        """A second direct system: the A/A control of the warm scenarios. Two mounts of the
+        same repository, by the same means, differ by this much; no automounter does better."""
+        return type("DirectControl", (cls,), {"name": "direct2", "dirname": "direc2"})
+
     def setup(self, repos: Sequence[str] = ()) -> None:
         self.mount_dir.mkdir(parents=True, exist_ok=True)
         for repo in repos:
