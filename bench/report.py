@@ -302,7 +302,8 @@ def _plot_storm(plt: Any, sc: dict[str, Any]) -> Any:
     res = sc["storm"]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     for name, s in res["systems"].items():
-        lat = sorted(s["latencies_ms"])
+        # A log axis: warm accesses take microseconds, cold ones up to seconds.
+        lat = sorted(max(v, 1e-3) for v in s["latencies_ms"])
         ys = [(i + 1) / len(lat) for i in range(len(lat))]
         label = (f"{name}: {len(lat)} boots started at once" if name == "direct"
                  else f"{name}: p99 {s['latency_ms']['p99']:.0f} ms, boots {s['boots_per_rep']}")
@@ -313,10 +314,12 @@ def _plot_storm(plt: Any, sc: dict[str, Any]) -> Any:
     p = res["params"]
     ax.set_title(f"storm: {p['procs']} processes x {p['repos']} cold repositories "
                  "(per-access latency, last repetition)")
-    ax.set_xlabel("ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (log scale)")
     ax.set_ylabel("fraction of accesses done")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=True, framealpha=0.9, fontsize=8, loc="center left",
+              bbox_to_anchor=(0.12, 0.4))
     fig.tight_layout()
     return fig
 
@@ -337,7 +340,7 @@ def _plot_footprint(plt: Any, sc: dict[str, Any]) -> Any:
     a.set_xlabel("repositories mounted")
     a.set_ylabel("MiB")
     a.set_title("daemon memory")
-    a.legend(frameon=False, fontsize=7)
+    a.legend(frameon=False, fontsize=7, loc="center right", bbox_to_anchor=(1.0, 0.42))
     a.grid(alpha=0.3)
     b.set_xlabel("repositories mounted")
     b.set_ylabel("% of one CPU")
@@ -349,6 +352,7 @@ def _plot_footprint(plt: Any, sc: dict[str, Any]) -> Any:
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xticks([p["repos"] for p in next(iter(res.values()))["points"]])
             ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+            ax.set_xlim(left=-0.3)
     fig.tight_layout()
     return fig
 
@@ -360,8 +364,23 @@ def _plot_csi(plt: Any, sc: dict[str, Any]) -> Any:
                            (b, "unpublish_samples_ms", "NodeUnpublishVolume")):
         data = {k.replace("repository_", "repo ").replace("_", " "): v[key]
                 for k, v in kinds.items() if v[key]}
-        _strip(ax, data, "ms")
+        _strip(ax, data, "ms (log scale)")
         ax.set_yscale("log")
+        values = [v for vs in data.values() for v in vs]
+        ax.set_yticks([t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 300, 500, 1000)
+                       if min(values) / 1.5 <= t <= max(values) * 1.5])
+        ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
         ax.set_title(f"CSI {title} latency")
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    # Re-render a results file: python -m bench.report bench/results/results.json [OUT]
+    import sys
+
+    source = Path(sys.argv[1])
+    for path in write(json.loads(source.read_text()), Path(sys.argv[2]) if len(sys.argv) > 2
+                      else source.parent):
+        print(path)

@@ -131,6 +131,7 @@ def versions(ws: Workspace, commit: str | None) -> dict[str, Any]:
         # Uncommitted changes in what was measured (with --cvmfsd-rev: only bench and the
         # stand-in come from the working tree).
         "git_dirty": bool(_cmd("git", "status", "--porcelain", "--", "bench", "tests/standin",
+                               ":(exclude)bench/results",
                                *(() if commit else ("cvmfsd", "csi")))),
     }
 
