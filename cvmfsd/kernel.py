@@ -85,10 +85,6 @@ class MountEntry:
     options: str
     optional: tuple[str, ...]
 
-    @property
-    def shared(self) -> bool:
-        return any(tag.startswith("shared:") for tag in self.optional)
-
 
 def unescape_mountinfo(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
@@ -128,10 +124,6 @@ def mounts_below(path: str, entries: list[MountEntry] | None = None) -> list[Mou
     entries = read_mountinfo() if entries is None else entries
     prefix = path.rstrip("/") + "/"
     return [e for e in entries if e.mountpoint.startswith(prefix)]
-
-
-def is_enotconn(err: OSError) -> bool:
-    return err.errno == errno.ENOTCONN
 
 
 # --- new mount API (open_tree/move_mount: Linux 5.2, mount_setattr: 5.12). These syscalls have

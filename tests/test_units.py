@@ -210,3 +210,27 @@ def test_snapshots_directory_is_hidden_and_validated() -> None:
         assert st.f_namemax == 255
 
     run_ops(check)
+
+
+def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> None:
+    """`config=` replaces cvmfs2's own hierarchy, so a pinned instance on a node without an
+    explicit file list gets the node's files in cvmfs2's order, then its pin file."""
+    from cvmfsd import backend
+    from cvmfsd.names import Pin
+
+    etc = tmp_path / "etc"
+    for rel in ("default.conf", "default.d/50-site.conf", "default.d/10-a.conf", "default.local",
+                "domain.d/cern.ch.conf", "config.d/sft.cern.ch.local",
+                "config.d/other.cern.ch.conf"):
+        (etc / rel).parent.mkdir(parents=True, exist_ok=True)
+        (etc / rel).write_text("")
+    cfg = Config(cvmfs2=Path("/usr/bin/cvmfs2"), snapshot_dir=tmp_path / "snap")
+    pin_file = backend.write_pin_config(cfg, "sft.cern.ch@tag=v1", Pin("tag", "v1"))
+    assert "CVMFS_REPOSITORY_TAG=v1\n" in pin_file.read_text()
+    argv = backend.argv(cfg, "sft.cern.ch", Path("/staging/x"), pin_file, etc=etc)
+    files = argv[2].split("config=")[1].split(":")
+    assert files == [str(etc / p) for p in (
+        "default.conf", "default.d/10-a.conf", "default.d/50-site.conf", "default.local",
+        "domain.d/cern.ch.conf", "config.d/sft.cern.ch.local")] + [str(pin_file)]
+    # Without a pin, the node hierarchy is cvmfs2's own business: no config= at all.
+    assert "config=" not in backend.argv(cfg, "sft.cern.ch", Path("/staging/x"), etc=etc)[2]
