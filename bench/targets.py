@@ -54,6 +54,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     def ok(name: str) -> bool:
         return _get(sc, name, "status") == "ok"
 
+    # Targets against autofs say why they were not measured where autofs could not run.
+    autofs_skipped = _get(results, "systems", "unavailable", "autofs")
+    unmeasured = f"not measured: autofs skipped ({autofs_skipped})" if autofs_skipped else (
+        "not measured")
+
     # --- cold first access ---------------------------------------------------------------------
     cold = sc.get("cold", {})
     ours = _get(cold, "systems", "cvmfsd", "overhead_ms")
@@ -69,7 +74,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                          f"boot {boot:.0f} ms)"))
     else:
         rows.append(_row("cold_vs_autofs", "cold-access overhead of cvmfsd below autofs's", None,
-                         "not measured"))
+                         unmeasured))
     if ok("cold") and ours is not None:
         rows.append(_row("cold_1ms", "cold-access overhead of cvmfsd <= 1 ms over the boot",
                          ours <= 1.0,
@@ -90,7 +95,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                              f"cvmfsd {_x(ours)} vs autofs {_x(theirs)} of direct; head to head, "
                              f"cvmfsd / autofs {_x(head)}" + _control(control)))
         else:
-            rows.append(_row(f"meta_{key}", text, None, "not measured"))
+            rows.append(_row(f"meta_{key}", text, None, unmeasured))
 
     # --- warm reads ------------------------------------------------------------------------------
     for kind, what in (("seq_large", "sequential, large file"), ("rand_large", "random 4 KiB"),
