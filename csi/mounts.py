@@ -1,6 +1,6 @@
 """Mount table, the probe of the daemon's root, bounded filesystem calls and the mount syscalls.
 
-Rules this module keeps (see /work/shared/DESIGN.md):
+Rules this module keeps (see docs/DESIGN.md):
 - Anything that may touch a FUSE filesystem (the daemon's root, a repository, a published target
   that
   is a bind of them) runs in a worker thread with a timeout (`run_bounded`), so a dead or hung

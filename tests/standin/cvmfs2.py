@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""cvmfs2 stand-in: the CernVM-FS client contract of /work/shared/cvmfs2-interface.md.
+"""cvmfs2 stand-in: the CernVM-FS client contract of docs/cvmfs2-interface.md.
 
 Usage: ``cvmfs2 [-f] [-d] [-o opt,...] <fqrn> <mountpoint>``.  Serves a
 repository read-only over real FUSE from a local "stratum 1" directory (see
