@@ -28,6 +28,9 @@ class Config:
     run_dir: Path = Path("/run/cvmfsd")
     # The CernVM-FS client. Production: /usr/bin/cvmfs2 from the cvmfs package.
     cvmfs2: Path = Path("/usr/bin/cvmfs2")
+    # The user cvmfs2 drops root to (its `uid=`/`gid=` options, as the system mount helper passes
+    # for CVMFS_USER). Empty, or a user that does not exist: cvmfs2 keeps running as root.
+    cvmfs2_user: str = "cvmfs"
     # Workspaces (cache base, sockets) of pinned snapshot instances: two instances of one
     # repository cannot share a workspace.
     snapshot_dir: Path = Path("/var/lib/cvmfsd/snapshots")

@@ -15,7 +15,7 @@ import pyfuse3
 import structlog
 import trio
 
-from . import __version__, kernel, rootmount, takeover
+from . import __version__, fusedev, kernel, rootmount, takeover
 from .admin import Admin
 from .children import Children, Tracked
 from .config import Config
@@ -150,6 +150,8 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
         async with trio.open_nursery() as nursery:
             await nursery.start(children.run)
             await trio.to_thread.run_sync(_prepare_staging, cfg)
+            rt.mounter.fusectl = await trio.to_thread.run_sync(
+                fusedev.mount_control, cfg.staging_dir / "fusectl")
             try:
                 await nursery.start(rt.mounter.run)
                 upkeep = Upkeep(cfg, registry, rt.mounter)

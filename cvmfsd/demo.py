@@ -42,6 +42,15 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -
     raise RuntimeError("cvmfsd did not become ready")
 
 
+def _wait_logged(log: Path, repo: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any('"event": "mount"' in line and f'"repo": "{repo}"' in line
+               for line in log.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+
+
 def main(keep_going: bool = False) -> int:
     if os.geteuid() != 0:
         print("cvmfsd demo: run as root (FUSE mounts)", file=sys.stderr)
@@ -85,6 +94,8 @@ def main(keep_going: bool = False) -> int:
             _say(f"$ {root}/demo.cern.ch/bin/hello\n{hello.rstrip()}")
             fqrn = os.getxattr(root / "sft.cern.ch", "user.fqrn").decode()
             _say(f"$ getfattr -n user.fqrn {root}/sft.cern.ch\nuser.fqrn=\"{fqrn}\"")
+            # cvmfs2 answers a moment before the daemon has logged the mount and lists it.
+            _wait_logged(log, "sft.cern.ch")
             _say(f"$ ls {root}\n{' '.join(sorted(os.listdir(root)))}")
             attempts = [json.loads(line) for line in log.read_text().splitlines()
                         if '"event": "mount"' in line]

@@ -106,8 +106,10 @@ class RootOperations(pyfuse3.Operations):
     async def _through_covered_inode(self, inode: int, ctx: pyfuse3.RequestContext) -> Repo:
         """A request on a name's own inode comes from a walk that did not cross a mount there.
 
-        Our mount workers get answered at once. Anyone else waits (bounded) for the attach and
-        gets ESTALE, so the VFS walks again with LOOKUP_REVAL and crosses the new mount.
+        Our mount workers get answered at once. Anyone else waits (bounded) until the name's
+        mount is in place — made at once, before cvmfs2 even starts — and gets ESTALE, so the
+        VFS walks again with LOOKUP_REVAL, crosses the mount and waits there, in the kernel,
+        for cvmfs2's answer. A name that failed answers with its error.
         """
         repo = self._repo(inode)
         if self.registry.is_own_thread(ctx.pid):
@@ -117,7 +119,7 @@ class RootOperations(pyfuse3.Operations):
                 await repo.settled.wait()
         if repo.state is not State.MOUNTED:
             self.mounter.request(repo)
-            await self.mounter.settle(repo, self.cfg.handler_wait)
+            await self.mounter.attached(repo, self.cfg.handler_wait)
         raise _fail(errno.ESTALE)
 
     # --- handlers ---------------------------------------------------------------------------

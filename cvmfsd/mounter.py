@@ -1,16 +1,23 @@
-"""Boots repositories at a private staging path and attaches them under the root.
+"""Mounts repositories under the root and keeps them mounted.
 
 DESIGN.md §1-2: a mount onto <root>/<name> must never happen while the LOOKUP of <name> is
-unanswered, so LOOKUP only calls request() (which never waits) and the boot runs here, in the
-background. The attach is a MS_MOVE from a worker thread whose FUSE requests the root answers
-at once.
+unanswered, so LOOKUP only calls request() (which never waits) and the mount is made here, in
+the background, from a worker thread whose FUSE requests the root answers at once.
+
+cvmfs2 runs in pre-mounted mode (docs/cvmfs2-interface.md §3): the daemon mounts /dev/fuse at
+<root>/<path> itself, at once, and then starts cvmfs2 on the descriptor. A process that looked the
+name up crosses that mount right away and waits in the kernel for cvmfs2's first answer, so no
+FUSE handler of the root waits for a boot, and the answer comes as soon as cvmfs2 serves. The
+daemon keeps a copy of the descriptor: when cvmfs2 fails or dies, the requests waiting in the
+connection are answered with ESTALE after the dead mount is gone (fusedev), and the processes
+walk again onto what is there now.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,7 +25,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from . import backend, kernel
+from . import backend, fusedev, kernel
 from .children import Children, Tracked
 from .config import Config
 from .errors import AttachFailed, BackendDied, LimitReached, MountError, ShuttingDown
@@ -29,6 +36,11 @@ log = structlog.get_logger("cvmfsd.mounter")
 
 # Seconds a backend gets to exit by itself after its unmount, then again after SIGTERM.
 STOP_GRACE = 5.0
+# Seconds a call on a backend (an xattr, the talk socket) may take before it counts as hung.
+BACKEND_CALL_TIMEOUT = 10.0
+# A dead connection is answered until nothing arrives for this long: processes that were on
+# their way in when the mount was detached.
+DRAIN_IDLE = 0.1
 
 
 class Mounter:
@@ -41,6 +53,9 @@ class Mounter:
         self._boots: set[trio.CancelScope] = set()
         self._boots_idle = trio.Event()
         self.closing = False
+        self.credentials = backend.Credentials.lookup(cfg.cvmfs2_user)
+        # The FUSE control filesystem (fusedev.abort), mounted by the daemon at start.
+        self.fusectl: Path | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -83,6 +98,16 @@ class Mounter:
             raise repo.last_error
         raise MountError(f"{repo.name} is still {repo.state} after {timeout:g} s")
 
+    async def attached(self, repo: Repo, timeout: float) -> None:
+        """Wait (bounded) until the current boot's mount is in place; raise the boot's error if
+        it failed instead."""
+        with trio.move_on_after(timeout):
+            await repo.attached.wait()
+        if repo.state is State.FAILED and repo.last_error is not None:
+            raise repo.last_error
+        if not repo.attached.is_set():
+            raise MountError(f"{repo.name} is still {repo.state} after {timeout:g} s")
+
     # --- the boot ---------------------------------------------------------------------------
     def _limit(self, repo: Repo) -> contextlib.AbstractAsyncContextManager[object]:
         # cvmfs2 may read the config repository under the root while it boots another one: that
@@ -92,21 +117,23 @@ class Mounter:
         return self._limiter
 
     async def _mount(self, repo: Repo) -> None:
-        staging = self.cfg.staging_dir / _staging_name(repo)
         started = trio.current_time()
         process: Tracked | None = None
         error: MountError | None = None
         with trio.CancelScope() as scope:
             self._boots.add(scope)
             try:
+                fd, dev = await trio.to_thread.run_sync(self._premount, repo)
+                self.registry.mount_attached(repo, fd, dev)
                 async with self._limit(repo):
-                    await trio.to_thread.run_sync(_make_dir, staging)
                     pin_config = None
                     if repo.pin is not None:
                         pin_config = await trio.to_thread.run_sync(
-                            backend.write_pin_config, self.cfg, repo.name, repo.pin)
-                    await backend.boot(self.cfg, self.children, repo.fqrn, staging, pin_config)
-                    process = await trio.to_thread.run_sync(self._attach, repo, staging)
+                            backend.write_pin_config, self.cfg, repo.name, repo.pin,
+                            self.credentials)
+                    await backend.boot(self.cfg, self.children, repo.fqrn, fd, pin_config,
+                                       self.credentials)
+                    process = await self._serving_process(repo)
             except MountError as exc:
                 error = exc
             except Exception as exc:  # a bug, not a repository problem: fail this mount visibly
@@ -119,36 +146,78 @@ class Mounter:
         if scope.cancelled_caught or (error is None and process is None):
             error = ShuttingDown()
         if error is not None:
+            held = None
             with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await trio.to_thread.run_sync(backend.cleanup_staging, staging)
+                held = await trio.to_thread.run_sync(self._detach, repo.path)
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
             self._log_attempt(repo, started, None, error)
+            # Processes waiting in the connection may have spent their one ESTALE retry on the
+            # way in: they get the name's own error.
+            self._release(repo, self.registry.take_fuse_fd(repo), held, error.errno)
             return
         assert process is not None
         self.registry.booted(repo, process, trio.current_time(), time.time())
         self._log_attempt(repo, started, process.pid, None)
         self.watch(repo, process)
 
-    def _attach(self, repo: Repo, staging: Path) -> Tracked:
-        """Worker thread: check what booted, then move it into place."""
+    def _premount(self, repo: Repo) -> tuple[int, tuple[int, int]]:
+        """Worker thread: mount /dev/fuse at the repository's path for cvmfs2 to serve."""
         self.registry.enter_own_thread()
         try:
-            fqrn = backend.mounted_fqrn(staging)
-            if fqrn != repo.fqrn:
-                raise AttachFailed(f"cvmfs2 mounted {fqrn!r} for {repo.fqrn!r}")
-            process = Tracked.open(backend.serving_pid(staging))
-            try:
-                kernel.move(staging, self.cfg.root / repo.path)
-            except OSError:
-                process.close()
-                raise
+            return backend.premount(self.cfg.root / repo.path)
         except OSError as exc:
-            raise AttachFailed(f"attach of {repo.name} failed: {exc}") from exc
+            raise AttachFailed(f"mount of {repo.name} failed: {exc}") from exc
         finally:
             self.registry.leave_own_thread()
-        with contextlib.suppress(OSError):
-            staging.rmdir()
-        return process
+
+    async def _serving_process(self, repo: Repo) -> Tracked:
+        """The daemonized process that serves the mount (xattr user.pid, interface §6): one
+        round trip to cvmfs2, which serves by now; bounded, since a backend can hang."""
+        path = self.cfg.root / repo.path
+
+        def read_pid() -> int:
+            self.registry.enter_own_thread()
+            try:
+                return backend.serving_pid(path)
+            finally:
+                self.registry.leave_own_thread()
+
+        with trio.move_on_after(BACKEND_CALL_TIMEOUT):
+            try:
+                pid = await trio.to_thread.run_sync(read_pid, abandon_on_cancel=True)
+                return Tracked.open(pid)
+            except (OSError, ValueError) as exc:
+                raise AttachFailed(f"cvmfs2 started but its mount does not answer: {exc}"
+                                   ) from exc
+        raise AttachFailed(f"cvmfs2 started but its mount did not answer within "
+                           f"{BACKEND_CALL_TIMEOUT:g} s")
+
+    def _release(self, repo: Repo, fd: int | None, held: int | None, error: int,
+                 after: trio.Event | None = None) -> None:
+        """After the mount was detached (held: what _detach returned): answer what waits in its
+        connection (fd: the daemon's copy) with `error` — once `after` is set, if given; until
+        then the processes keep waiting —, end the connection, and close both."""
+        if fd is None:
+            if held is not None:
+                os.close(held)
+            return
+        assert self._nursery is not None
+        dev = repo.dev
+
+        async def drain() -> None:
+            try:
+                if after is not None:
+                    with trio.move_on_after(self.cfg.handler_wait):
+                        await after.wait()
+                await fusedev.answer_all(fd, error, idle=DRAIN_IDLE, name=repo.name)
+            finally:
+                if held is not None:  # else the device number may belong to another mount
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(fusedev.abort, self.fusectl, dev)
+                    os.close(held)
+                os.close(fd)
+
+        self._nursery.start_soon(drain, name=f"drain {repo.name}")
 
     def _log_attempt(self, repo: Repo, started: float, pid: int | None,
                      error: MountError | None) -> None:
@@ -173,25 +242,44 @@ class Mounter:
             await self.heal(repo, f"serving process {process.pid} {status}")
 
     async def heal(self, repo: Repo, why: str) -> None:
-        """Detach a dead mount; the next access mounts the repository again."""
+        """Detach a dead mount and mount the repository again at once (unless it crash-loops):
+        processes waiting in the dead connection are told to walk again (ESTALE) once the new
+        mount is in place, and wait there for the new cvmfs2."""
         process = repo.process
         lived = trio.current_time() - (repo.mounted_at or trio.current_time())
-        await trio.to_thread.run_sync(self._detach, repo.path)
+        held = await trio.to_thread.run_sync(self._detach, repo.path)
         if repo.state is not State.MOUNTED or repo.process is not process:
+            if held is not None:
+                os.close(held)
             return
+        fd = self.registry.take_fuse_fd(repo)
         self.registry.died(repo, BackendDied(f"{why} after {lived:.1f} s"), trio.current_time(),
                            time.time())
         log.warning("healed", repo=repo.name, reason=why, mounted_for_s=round(lived, 2),
                     state=str(repo.state))
+        remount = repo.state is State.IDLE and not self.closing
+        if remount:
+            with contextlib.suppress(MountError):  # e.g. the limits: the next access retries
+                self.request(repo)
+        self._release(repo, fd, held, errno.ESTALE,
+                      after=repo.attached if repo.state is State.BOOTING else None)
         if process is not None:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)
 
-    def _detach(self, path: str) -> None:
+    def _detach(self, path: str) -> int | None:
+        """Worker thread: detach what is mounted at <root>/<path>. Returns an O_PATH descriptor
+        of it that keeps its superblock — and so its connection's number under the FUSE control
+        filesystem — from being reused until the caller is done with it and closes it."""
         self.registry.enter_own_thread()
         try:
+            try:
+                held: int | None = os.open(self.cfg.root / path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                held = None
             with contextlib.suppress(OSError):
                 kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
+            return held
         finally:
             self.registry.leave_own_thread()
 
@@ -214,6 +302,13 @@ class Mounter:
             self.registry.gone(repo, Event.UNMOUNTED)
         log.info("unmounted", repo=repo.name, reason=reason,
                  serving_pid=process and process.pid)
+        # The unmount ended the connection (or, detached while busy, cvmfs2 serves the holders
+        # until they let go): nothing waits in it for the daemon's answer.
+        fd = self.registry.take_fuse_fd(repo)
+        if fd is not None:
+            os.close(fd)
+        if repo.pin is not None:
+            await trio.to_thread.run_sync(backend.remove_pin_workspace, self.cfg, repo.name)
         if process is not None:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)
@@ -236,7 +331,7 @@ class Mounter:
         return True
 
     async def _cancel_boots(self) -> None:
-        """Boots in progress are cancelled; each kills its cvmfs2 and cleans its staging path."""
+        """Boots in progress are cancelled; each kills its cvmfs2 and detaches its mount."""
         self.closing = True
         for scope in list(self._boots):
             scope.cancel()
@@ -277,15 +372,3 @@ def _exit_text(code: int | None) -> str:
     if code < 0:
         return f"killed by signal {signal.Signals(-code).name}"
     return f"exited with status {code}"
-
-
-def _staging_name(repo: Repo) -> str:
-    # A snapshot's name holds '@', '=' and ':'; its staging path is on cvmfs2's command line.
-    if repo.pin is None:
-        return repo.name
-    return "pin-" + hashlib.sha1(repo.name.encode()).hexdigest()[:16]
-
-
-def _make_dir(path: Path) -> None:
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o755)

@@ -49,6 +49,13 @@ class Repo:
     idle_since: float | None = None
     # Set when the current boot settles (mounted or failed); replaced for each boot.
     settled: trio.Event = field(default_factory=trio.Event)
+    # Set once the current boot's mount is visible at its path (before cvmfs2 serves it: a
+    # process that crosses it then waits in the kernel, not in the daemon); replaced per boot.
+    attached: trio.Event = field(default_factory=trio.Event)
+    # The daemon's copy of the mount's /dev/fuse descriptor (pre-mounted mode; see fusedev),
+    # and the mount's device: None for mounts taken over from a previous daemon.
+    fuse_fd: int | None = None
+    dev: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.fqrn = self.fqrn or self.name
@@ -120,7 +127,17 @@ class Registry:
         repo.fire(Event.BOOT)
         repo.boots += 1
         repo.settled = trio.Event()
+        repo.attached = trio.Event()
         self._notify(Event.BOOT, repo)
+
+    def mount_attached(self, repo: Repo, fuse_fd: int, dev: tuple[int, int]) -> None:
+        repo.fuse_fd, repo.dev = fuse_fd, dev
+        repo.attached.set()
+
+    def take_fuse_fd(self, repo: Repo) -> int | None:
+        """The daemon's copy of the descriptor, handed over to whoever closes it."""
+        fd, repo.fuse_fd = repo.fuse_fd, None
+        return fd
 
     def booted(self, repo: Repo, process: Tracked, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOTED)
@@ -142,6 +159,7 @@ class Registry:
 
     def boot_failed(self, repo: Repo, error: MountError, monotonic: float, wall: float) -> None:
         repo.fire(Event.BOOT_FAILED)
+        repo.attached.set()  # nothing more will be attached by this boot
         repo.failures += 1
         repo.retry_at = monotonic + backoff(repo.failures, *self._backoff)
         repo.last_error, repo.last_error_at = error, wall

@@ -128,6 +128,18 @@ class Daemon:
     def mount_attempts(self, repo: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.events("mount") if repo is None or r["repo"] == repo]
 
+    def wait_mounted(self, *repos: str, timeout: float = 30) -> None:
+        """Until the daemon logged each repository's mount: a first access succeeds as soon as
+        cvmfs2 serves, a moment before the daemon has read the serving pid and logged it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = {r["repo"] for r in self.events("mount") if r["result"] == "mounted"}
+            if set(repos) <= done:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not logged as mounted: {set(repos) - done}")
+            time.sleep(0.02)
+
     def path(self, name: str) -> Path:
         return self.root / name
 
@@ -158,6 +170,8 @@ def toml_config(env: Env, **overrides: Any) -> str:
         "snapshot_dir": str(env.tmp / "snapshots"),
         "cvmfs2": str(env.cvmfs2), "cvmfs2_config": [str(env.client_config)],
         "log_format": "json", "mount_timeout": 20.0,
+        # The stand-in's workspaces here belong to root; tests of the privilege drop set a user.
+        "cvmfs2_user": "",
     }
     values.update(overrides)
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n"

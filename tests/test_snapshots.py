@@ -47,6 +47,7 @@ def test_pinned_and_live_side_by_side(versioned: Env, start_daemon) -> None:  # 
     assert sorted(os.listdir(d.root / ".snapshots")) == sorted(
         [f"{REPO}@tag=v1", f"{REPO}@date=2025-06-01T00:00:00Z", f"{REPO}@hash={hash2}"])
     assert versioned.boots().count(REPO) == 4  # the live one and three pinned instances
+    d.wait_mounted(f"{REPO}@tag=v1")
     attempts = {a["repo"] for a in d.mount_attempts()}
     assert f"{REPO}@tag=v1" in attempts
 
