@@ -28,7 +28,7 @@ FILES: dict[str, bytes | str] = {
     "data/blob.bin": bytes(range(256)) * 64,
     "etc/cvmfs/default.conf": "CVMFS_STANDIN_READ_MARK=yes\n",
 }
-REPOS = ("atlas.cern.ch", "cms.cern.ch", "alice.cern.ch", "lhcb.cern.ch", "cvmfs-config.cern.ch")
+REPOS = ("atlas.cern.ch", "cms.cern.ch", "alice.cern.ch", "cvmfs-config.cern.ch")
 CONFIG_REPO = "cvmfs-config.cern.ch"
 
 
@@ -36,7 +36,6 @@ CONFIG_REPO = "cvmfs-config.cern.ch"
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     if os.environ.get("CVMFSD_SYSTEMD_TIER") == "0":
         pytest.skip("systemd tier: disabled (CVMFSD_SYSTEMD_TIER=0)")
-    started = time.monotonic()
     try:
         tree = ensure_tree()
     except Unavailable as exc:
@@ -45,6 +44,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     for repo in REPOS:
         make_repo(state / "server", repo, FILES)
     machine = Machine(tree, f"cvmfsd-tier-{os.getpid()}", state, binds_rw=(str(state),))
+    started = time.monotonic()
     try:
         try:
             machine.boot()
@@ -59,7 +59,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         assert re.search(r'Status: "0 mounted, 0 failed, 0 booting under /cvmfs"', out.stdout), \
             out.stdout
         build = "cached" if tree.built_s is None else f"built in {tree.built_s:.0f} s"
-        print(f"\nsystemd tier: tree {tree.path.name} ({build}), booted in "
+        print(f"\nsystemd tier: tree {tree.path.name} ({build}), container booted in "
               f"{booted - started:.1f} s, systemd {systemd_version(n)}")
         yield n
     finally:
@@ -149,6 +149,22 @@ def test_start_is_ready_only_once_the_root_answers(service: Node) -> None:
     assert set(serving.values()) | {node.main_pid()} <= node.unit_pids()
 
 
+def test_an_invalid_configuration_fails_the_start_and_is_not_restarted(service: Node) -> None:
+    """Exit 2 (RestartPreventExitStatus=2): failed at once, not "auto-restart"; the reason is in
+    the journal."""
+    node = service
+    node.write_config(node.example_config(mount_timeout='"soon"'))
+    cursor = node.cursor()
+    out = node.systemctl("start", UNIT, check=False)
+    assert out.returncode != 0
+    state = node.show("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
+    assert (state["ActiveState"], state["SubState"], state["Result"], state["ExecMainStatus"]) \
+        == ("failed", "failed", "exit-code", "2"), state
+    said = "\n".join(node.messages(cursor))
+    assert "mount_timeout" in said, said
+    assert node.mounts() == [] and node.cvmfs2() == {}
+
+
 # --- reload -----------------------------------------------------------------------------------
 
 def test_reload_applies_the_allow_list_and_refuses_an_invalid_file(service: Node) -> None:
@@ -223,6 +239,43 @@ def test_restart_hands_over_with_readers_running(service: Node) -> None:
     said = "\n".join(node.messages(cursor))
     for pid in before.values():
         assert f"Found left-over process {pid} (python" in said, said
+
+
+def test_reexec_in_place_keeps_the_main_pid(service: Node) -> None:
+    """An upgrade in place as the unit's comment says, by signalling the main process only:
+    the same main pid loads the code on disk; systemd sees RELOADING=1, then READY=1 (its
+    debug log shows the state changes), and readers and cvmfs2 processes never notice."""
+    node = service
+    repos = ["atlas.cern.ch", "cms.cern.ch"]
+    node.systemctl("start", UNIT)
+    mount_all(node, repos)
+    before = one_cvmfs2_each(node)
+    boots = len(node.boots())
+    main = node.main_pid()
+    node.start_reader(repos)
+    node.readers_advance()
+
+    cursor = node.cursor()
+    node.machine.run(["systemd-analyze", "log-level", "debug"])
+    try:
+        node.systemctl("kill", "--kill-whom=main", "--signal=USR2", UNIT)
+        wait_for("the re-executed daemon's READY=1", lambda: any(
+            f"Got notification message from PID {main} (READY=1" in m
+            for m in node.messages(cursor)))
+    finally:
+        node.machine.run(["systemd-analyze", "log-level", "info"])
+    node.readers_advance()
+    results = node.stop_readers()
+    said = "\n".join(node.messages(cursor))
+    assert f"Got notification message from PID {main} (RELOADING=1" in said, said
+    assert said.index("Changed running -> reload") < said.index("Changed reload -> running")
+    now = node.show("ActiveState", "SubState", "MainPID", "NRestarts")
+    assert (now["ActiveState"], now["SubState"], int(now["MainPID"])) == \
+        ("active", "running", main)
+    assert [r["adopted"] for r in node.events("ready", after=cursor)] == [len(before)]
+    assert results[0]["failures"] == 0, results[0]["errors"]
+    assert one_cvmfs2_each(node) == before
+    assert len(node.boots()) == boots
 
 
 # --- watchdog -----------------------------------------------------------------------------------
