@@ -148,7 +148,11 @@ class Node:
         """The unit's journal entries: systemd's messages about it and the daemon's output."""
         # Not --after-cursor: together with --unit, systemd 252's journalctl drops the first
         # matching entry after the cursor. The cursor's monotonic time (one boot) does it.
-        since = int(re.search(r"\bm=([0-9a-f]+)", after).group(1), 16) if after else -1  # type: ignore[union-attr]
+        since = -1
+        if after:
+            mark = re.search(r"\bm=([0-9a-f]+)", after)
+            assert mark, after
+            since = int(mark.group(1), 16)
         args = ["journalctl", f"--unit={UNIT}", "--output=json", "--no-pager"]
         entries = []
         for line in self.machine.run(args).stdout.splitlines():
@@ -173,6 +177,22 @@ class Node:
                 if isinstance(record, dict) and record.get("event") == name:
                     out.append(record)
         return out
+
+    @contextlib.contextmanager
+    def debug_log(self) -> Iterator[None]:
+        """systemd logs the notifications it gets (READY=1, RELOADING=1, STOPPING=1, ...) and
+        the unit's state changes only at debug level."""
+        self.machine.run(["systemd-analyze", "log-level", "debug"])
+        try:
+            yield
+        finally:
+            self.machine.run(["systemd-analyze", "log-level", "info"])
+
+    def notified(self, field: str, after: str) -> list[str]:
+        """sd_notify messages from the unit's processes that carry field, as systemd logged
+        them (under debug_log)."""
+        return [m for m in self.messages(after)
+                if m.startswith("cvmfsd.service: Got notification message") and field in m]
 
     # --- what the container sees ------------------------------------------------------------
     def mounts(self, pid: int = 1) -> list[tuple[str, str]]:

@@ -256,18 +256,14 @@ def test_reexec_in_place_keeps_the_main_pid(service: Node) -> None:
     node.readers_advance()
 
     cursor = node.cursor()
-    node.machine.run(["systemd-analyze", "log-level", "debug"])
-    try:
+    with node.debug_log():
         node.systemctl("kill", "--kill-whom=main", "--signal=USR2", UNIT)
-        wait_for("the re-executed daemon's READY=1", lambda: any(
-            f"Got notification message from PID {main} (READY=1" in m
-            for m in node.messages(cursor)))
-    finally:
-        node.machine.run(["systemd-analyze", "log-level", "info"])
+        wait_for("the re-executed daemon's READY=1", lambda: node.notified("READY=1", cursor))
     node.readers_advance()
     results = node.stop_readers()
     said = "\n".join(node.messages(cursor))
-    assert f"Got notification message from PID {main} (RELOADING=1" in said, said
+    assert [f"from PID {main} " in m for m in node.notified("RELOADING=1", cursor)] == [True]
+    assert [f"from PID {main} " in m for m in node.notified("READY=1", cursor)] == [True]
     assert said.index("Changed running -> reload") < said.index("Changed reload -> running")
     now = node.show("ActiveState", "SubState", "MainPID", "NRestarts")
     assert (now["ActiveState"], now["SubState"], int(now["MainPID"])) == \
@@ -336,8 +332,13 @@ def test_stop_in_handover_mode_keeps_repositories_served(service: Node) -> None:
     mount_all(node, ["atlas.cern.ch"])
     before = one_cvmfs2_each(node)
     boots = len(node.boots())
-    node.systemctl("stop", UNIT)
+    cursor = node.cursor()
+    with node.debug_log():
+        node.systemctl("stop", UNIT)
     assert node.show("ActiveState")["ActiveState"] == "inactive"
+    stopping = node.notified("STOPPING=1", cursor)
+    assert len(stopping) == 1 and "2 repositories stay mounted for the next cvmfsd" in \
+        stopping[0], stopping
     mount_all(node, ["atlas.cern.ch"])
     assert node.cvmfs2_by_repo() == {repo: [pid] for repo, pid in before.items()}
     new = node.read(f"{ROOT}/cms.cern.ch/README")
@@ -358,7 +359,10 @@ def test_stop_in_unmount_mode_leaves_no_mount_and_no_cvmfs2(service: Node) -> No
     mount_all(node, ["atlas.cern.ch", "cms.cern.ch"])
     assert len(one_cvmfs2_each(node)) == 3
     cursor = node.cursor()
-    node.systemctl("stop", UNIT)
+    with node.debug_log():
+        node.systemctl("stop", UNIT)
+    stopping = node.notified("STOPPING=1", cursor)
+    assert len(stopping) == 1 and "Stopping: unmounting 3 repositories" in stopping[0], stopping
     state = node.show("ActiveState", "Result")
     assert (state["ActiveState"], state["Result"]) == ("inactive", "success")
     assert node.mounts() == []
