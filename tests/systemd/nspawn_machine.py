@@ -176,10 +176,10 @@ def python_runtime(python: str) -> Runtime:
     if not base.startswith("/usr"):  # pyenv, /opt, ...: bind it; Debian's comes as packages
         binds.append(base)
         bound.append(base)
-    system = sorted({os.path.realpath(f) for f in info["files"]
-                     if not any(os.path.realpath(f).startswith(b + "/") for b in bound)
-                     and os.path.exists(f)} | ({os.path.realpath(info["executable"])}
-                                               if base.startswith("/usr") else set()))
+    loaded = {os.path.realpath(f) for f in info["files"] if os.path.exists(f)}
+    if base.startswith("/usr"):
+        loaded.add(os.path.realpath(info["executable"]))
+    system = sorted(f for f in loaded if not any(f.startswith(b + "/") for b in bound))
     return Runtime(tuple(binds), tuple(sorted(_owning_packages(system))))
 
 
@@ -274,6 +274,7 @@ def _debootstrap(codename: str, mirror: str, packages: Sequence[str], path: Path
                  log: Path) -> None:
     work = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)  # a tree whose stamp was never written
     for old in CACHE.glob(f"{path.name}.tmp-*"):  # left by a build that was killed
         shutil.rmtree(old, ignore_errors=True)
     cmd = ["debootstrap", "--variant=minbase", "--components=main",

@@ -96,6 +96,7 @@ class Node:
     def provision(self) -> None:
         """What a node has before the README's steps: cvmfsd installed, the cvmfs package."""
         python = sys.executable
+        bindir = Path(python).parent  # the .venv's scripts, as `pip install .` makes them
         self.probes.mkdir(exist_ok=True)
         wrapper = self.machine.path("/usr/bin/cvmfs2")
         wrapper.write_text(
@@ -116,8 +117,8 @@ class Node:
             f"CVMFS_SERVER_URL=file://{self.server}/@fqrn@\nCVMFS_HTTP_PROXY=DIRECT\n")
         self.machine.sh(
             "set -e\n"
-            f"ln -s {REPO_ROOT}/.venv/bin/cvmfsd /usr/local/bin/cvmfsd\n"
-            f"ln -s {REPO_ROOT}/.venv/bin/cvmfsctl /usr/local/bin/cvmfsctl\n"
+            f"ln -s {bindir}/cvmfsd /usr/local/bin/cvmfsd\n"
+            f"ln -s {bindir}/cvmfsctl /usr/local/bin/cvmfsctl\n"
             "useradd --system --no-create-home --shell /usr/sbin/nologin cvmfs\n"
             f"mknod {DENIED_DEVICE} c {DENIED_DEVICE_NUMBERS[0]} {DENIED_DEVICE_NUMBERS[1]}\n")
 
@@ -291,15 +292,16 @@ class Node:
         same path as the stop test, so a broken stop shows here too."""
         self.stop_readers()
         self.write_config(EXAMPLE.read_text())
+        self.remove_dropins()
+        self.systemctl("daemon-reload")
         if self.active() or self.mounts() or self.cvmfs2():
-            self.remove_dropins()
             self.unmount_mode()
             self.systemctl("daemon-reload")
             self.systemctl("reset-failed", UNIT, check=False)
             self.systemctl("restart", UNIT)
             self.systemctl("stop", UNIT)
-        self.remove_dropins()
-        self.systemctl("daemon-reload")
+            self.remove_dropins()
+            self.systemctl("daemon-reload")
         self.systemctl("reset-failed", UNIT, check=False)
         for report in self.probes.glob("*.json"):
             report.unlink()
