@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,16 @@ def unmount_tree(path: Path | str) -> None:
                     mounts.umount(entry.mount_point, mounts.MNT_DETACH | mounts.UMOUNT_NOFOLLOW)
     if mounts_at_or_under(path):
         raise RuntimeError(f"mounts left under {path}: {mounts_at_or_under(path)}")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+    """Poll until predicate() is true (events, not durations, decide; the timeout only bounds a
+    failing test)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.01)
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
