@@ -361,10 +361,11 @@ READ_ONLY_OPTIONS = frozenset({"ro", "nosuid", "nodev"})
 
 
 def is_own_bind(entry: MountEntry) -> bool:
-    """A mount this driver makes at a target: a read-only bind of the cvmfsd root, or of a cvmfs2
-    mount (a repository or pinned snapshot below the root). Anything else at a target is someone
-    else's and is never unmounted or remounted by the plugin."""
-    return entry.read_only and (is_daemon_root(entry) or entry.source == "cvmfs2")
+    """A mount this driver makes at a target: a bind of the cvmfsd root, or of a cvmfs2 mount (a
+    repository or pinned snapshot below the root). Anything else at a target is someone else's and
+    is never unmounted or remounted by the plugin. (Read-only is what the plugin makes of it, not
+    how it is recognised: a re-publish repairs one that lost its flags.)"""
+    return is_daemon_root(entry) or entry.source == "cvmfs2"
 
 
 def bind_read_only(src_fd: int, parent_fd: int, name: str, *, legacy: bool = False) -> None:

@@ -139,6 +139,9 @@ class FakeRepo(pyfuse3.Operations):
         a.st_ino = inode
         a.generation = 1
         a.entry_timeout = a.attr_timeout = LONG
+        if inode == self.SUB:
+            # revalidated on every walk: a stopped server then hangs any walk through it
+            a.entry_timeout = a.attr_timeout = 0
         if inode == self.README:
             a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, len(self.data)
         else:
