@@ -146,7 +146,7 @@ class Lab:
             p.kill()
             p.wait()
         self.extra.clear()
-        for label, p in self.servers.items():
+        for _label, p in self.servers.items():
             if p.poll() is None:
                 p.kill()
             p.wait()

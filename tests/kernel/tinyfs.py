@@ -33,7 +33,7 @@ class Tiny(pyfuse3.Operations):
         else:
             layout = {"/": ["repo", "repo2", "repo3", "repo4", "rootfile"],
                       "/repo": [], "/repo2": [], "/repo3": [], "/repo4": []}
-        paths = ["/"] + sorted({(d.rstrip("/") + "/" + n) for d, ns in layout.items() for n in ns})
+        paths = ["/", *sorted({d.rstrip("/") + "/" + n for d, ns in layout.items() for n in ns})]
         ino_of = {p: (pyfuse3.ROOT_INODE if p == "/" else i + 100) for i, p in enumerate(paths)}
         for p in paths:
             if p in layout:
@@ -47,7 +47,7 @@ class Tiny(pyfuse3.Operations):
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        path, kids = self.nodes[ino]
+        _path, kids = self.nodes[ino]
         if kids is None:
             a.st_mode = stat.S_IFREG | 0o444
             a.st_size = len(self._content(ino))

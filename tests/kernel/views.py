@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import contextlib
+
 from lab import (  # noqa: E402
     O_PATHDIR,
     K,
@@ -500,10 +502,7 @@ def c_world(lab: Lab, anchor: bool) -> dict:
         lab.anchor = a
     lab.make_root("R1")
     lab.mount_repo("M1")
-    if anchor:
-        V = anchor_whole_bind(lab, "V")
-    else:
-        V = lab.plugin_bind(lab.root, "V")
+    V = anchor_whole_bind(lab, "V") if anchor else lab.plugin_bind(lab.root, "V")
     T = lab.plugin_bind(f"{lab.root}/repo", "T")
     w = {"V": V, "T": T, "PV": lab.pod("PV", V), "P": lab.pod("P", T)}
     return w
@@ -612,12 +611,10 @@ def takeover(lab: Lab, variant: str, label: str) -> dict:
                 K.move(park, lab.root)
     steps["swap_ms"] = round((time.perf_counter() - t1) * 1000, 2)
     try_(K.set_propagation, lab.root, K.MS_SHARED)
-    for fd in oldfds + [rootfd]:
+    for fd in [*oldfds, rootfd]:
         os.close(fd)
-    try:
+    with contextlib.suppress(OSError):
         os.rmdir(st)
-    except OSError:
-        pass
     lab.root_label = label
     return steps
 
