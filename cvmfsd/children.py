@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from .signals import IGNORED
+
 log = structlog.get_logger("cvmfsd.children")
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_IN_CHILD = (signal.SIGPIPE, signal.SIGUSR1, signal.SIGALRM, signal.SIGVTALRM,
-                    signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGXFSZ)
+# What the daemon ignores (signals.IGNORED, and SIGPIPE/SIGXFSZ as Python does) would stay
+# ignored across exec.
+DEFAULT_IN_CHILD = (*IGNORED, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 @dataclass
@@ -51,7 +54,6 @@ class Children:
             (os.POSIX_SPAWN_DUP2, stderr, 2),
             *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds),
         ]
-        # Signals the daemon ignores (signals.IGNORED) would stay ignored across exec.
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
                              setsigdef=DEFAULT_IN_CHILD, setsigmask=())
         self._waiting[pid] = _Exit()

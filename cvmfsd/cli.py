@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, config as config_mod, log
+from . import __version__, config as config_mod, log, signals
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(cfg.log_level, cfg.log_format)
     from .daemon import StartupError, StopMode, run
 
+    signals.install_early()
     try:
         # The reloader re-reads the same file with the same flag overrides (cvmfsctl reload,
         # SIGHUP): flags keep winning over the file, as at start.
@@ -90,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             config_file=args.config))
     except StartupError as exc:
         print(f"cvmfsd: {exc}", file=sys.stderr)
+        log.flush()
         return 1
+    log.flush()
     if mode is StopMode.REEXEC:
         # Upgrade in place: the same pid (systemd's main pid, the cvmfs2 processes' parent)
         # runs the code now on disk, which takes over the mounts left in place.
         sys.stdout.flush()
-        sys.stderr.flush()
+        log.restore_stderr()
+        signals.block_for_exec()
         os.execv(sys.executable, [sys.executable, "-m", "cvmfsd", *sys.argv[1:]])
     return 0
 

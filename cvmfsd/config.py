@@ -47,9 +47,23 @@ class Config:
     mount_timeout: float = 60.0
     max_concurrent_boots: int = 8
     # After a failed boot, lookups fail at once for backoff_initial * 2**(failures-1) seconds,
-    # capped at backoff_max, so a loop of lookups does not start one cvmfs2 per lookup.
-    backoff_initial: float = 2.0
-    backoff_max: float = 300.0
+    # capped at backoff_max, so a loop of lookups does not start one cvmfs2 per lookup (autofs
+    # remembers a failed key for 60 s too).
+    backoff_initial: float = 60.0
+    backoff_max: float = 600.0
+    # Names that hold no mount (idle, failed) kept at most, least recently used out first; a
+    # failed one keeps its backoff while it is kept. The kernel is told to forget the others.
+    max_names: int = 4096
+    # Shares of one requester (a uid, and the pod for a process in a Kubernetes pod): boot slots
+    # its boots use at once (more wait their turn), mounts it started that are held (more: its
+    # lookups of new names fail with ENOSPC), requests waiting in the root (more: EAGAIN).
+    # 0 = derived from the global limit: half of max_concurrent_boots, half of max_mounted, an
+    # eighth of fuse_max_tasks.
+    requester_boots: int = 0
+    requester_mounts: int = 0
+    requester_waits: int = 0
+    # Pinned snapshot instances one repository may have mounted at once.
+    max_pins_per_repository: int = 8
     # Seconds a handler waits for an attach before it answers (DESIGN.md §5: every wait is
     # bounded). 0 means mount_timeout + 5.
     attach_wait: float = 0.0
@@ -97,6 +111,13 @@ class Config:
         return NamePolicy(allow=self.allow, deny=self.deny)
 
     @property
+    def requester_limits(self) -> tuple[int, int, int]:
+        """(boots, mounts, waits) one requester may hold."""
+        return (self.requester_boots or max(1, self.max_concurrent_boots // 2),
+                self.requester_mounts or max(1, (self.max_mounted or 2000) // 2),
+                self.requester_waits or max(1, self.fuse_max_tasks // 8))
+
+    @property
     def handler_wait(self) -> float:
         return self.attach_wait or self.mount_timeout + 5.0
 
@@ -112,7 +133,8 @@ class Config:
 _PATHS = {"root", "run_dir", "cvmfs2", "snapshot_dir"}
 _FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait", "expire_timeout",
            "expire_min_age", "reconcile_interval", "restart_window"}
-_INTS = {"max_concurrent_boots", "fuse_max_tasks", "max_mounted", "restart_burst"}
+_INTS = {"max_concurrent_boots", "fuse_max_tasks", "max_mounted", "restart_burst", "max_names",
+         "requester_boots", "requester_mounts", "requester_waits", "max_pins_per_repository"}
 _STR_LISTS = {"allow", "deny", "probe_repositories"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
@@ -162,6 +184,10 @@ def _validate(cfg: Config) -> Config:
         problems.append("max_mounted must be >= 0 and restart_burst >= 1")
     if cfg.fuse_max_tasks < 8:
         problems.append("fuse_max_tasks must be >= 8")
+    if cfg.max_names < 16 or cfg.max_pins_per_repository < 1:
+        problems.append("max_names must be >= 16 and max_pins_per_repository >= 1")
+    if min(cfg.requester_boots, cfg.requester_mounts, cfg.requester_waits) < 0:
+        problems.append("requester_boots, requester_mounts and requester_waits must be >= 0")
     if not 0 < cfg.backoff_initial <= cfg.backoff_max:
         problems.append("need 0 < backoff_initial <= backoff_max")
     if cfg.log_level not in _LOG_LEVELS:

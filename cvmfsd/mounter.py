@@ -20,6 +20,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
@@ -28,9 +29,18 @@ import trio
 from . import backend, fusedev, kernel
 from .children import Children, Tracked
 from .config import Config
-from .errors import AttachFailed, BackendDied, LimitReached, MountError, ShuttingDown
+from .errors import (
+    AttachFailed,
+    BackendDied,
+    LimitReached,
+    MountError,
+    ShuttingDown,
+    WalkAgain,
+)
 from .lifecycle import Event, State
-from .registry import Registry, Repo
+from .log import Throttle
+from .registry import ACTIVE, Registry, Repo
+from .requester import Requester
 
 log = structlog.get_logger("cvmfsd.mounter")
 
@@ -49,11 +59,15 @@ class Mounter:
         self.registry = registry
         self.children = children
         self._limiter = trio.CapacityLimiter(cfg.max_concurrent_boots)
+        self._shares: dict[Requester, trio.CapacityLimiter] = {}  # per requester, while in use
         self._nursery: trio.Nursery | None = None
         self._boots: set[trio.CancelScope] = set()
         self._boots_idle = trio.Event()
         self.closing = False
         self.credentials = backend.Credentials.lookup(cfg.cvmfs2_user)
+        # What users can make happen at any rate is logged at a bounded rate.
+        self._refusals = Throttle()
+        registry.on_excess = self._evict_excess
         # The FUSE control filesystem (fusedev.abort), mounted by the daemon at start.
         self.fusectl: Path | None = None
 
@@ -68,25 +82,70 @@ class Mounter:
         return self._nursery is not None
 
     # --- called from FUSE handlers: never waits ----------------------------------------------
-    def request(self, repo: Repo) -> None:
-        """Make sure a boot of repo is under way, or raise the error that keeps it from one."""
-        if repo.state in (State.BOOTING, State.MOUNTED, State.UNMOUNTING):
+    def request(self, repo: Repo, requester: Requester | None = None) -> None:
+        """Make sure a boot of repo is under way, or raise the error that keeps it from one.
+        A candidate (registry.candidate) becomes an entry only when its boot begins.
+        requester: who is charged for the boot and the mount (None: the daemon or an admin)."""
+        if repo.state in ACTIVE:
             return
+        if repo.evicting is not None:
+            raise WalkAgain(f"{repo.name} is being forgotten")
         if self.closing:
             raise ShuttingDown()
         if not self.registry.may_boot(repo, trio.current_time()):
             assert repo.last_error is not None
-            raise repo.last_error
-        if self.cfg.max_mounted and self.registry.active() >= self.cfg.max_mounted:
-            error = LimitReached(f"{self.cfg.max_mounted} repositories are mounted already "
-                                 "(max_mounted)")
-            repo.last_error, repo.last_error_at = error, time.time()
-            log.warning("mount", repo=repo.name, result="refused", error=error.message,
-                        boot=repo.boots, duration_ms=0.0, exit_code=None)
-            raise error
+            raise repo.last_error.replay()
+        refusal = self._refusal(repo, requester)
+        if refusal is not None:
+            suppressed = self._refusals.allow((type(refusal), requester))
+            if suppressed is not None:
+                log.warning("mount", repo=repo.name, result="refused", error=refusal.message,
+                            requester=str(requester) if requester else None,
+                            errno=errno.errorcode.get(refusal.errno), suppressed=suppressed)
+            raise refusal
         assert self._nursery is not None
-        self.registry.begin_boot(repo)
+        self.registry.begin_boot(repo, requester)
         self._nursery.start_soon(self._mount, repo, name=f"mount {repo.name}")
+
+    def _refusal(self, repo: Repo, requester: Requester | None) -> MountError | None:
+        """Why a boot may not begin now: a limit of the node's, or of the requester's share."""
+        cfg = self.cfg
+        if cfg.max_mounted and self.registry.active() >= cfg.max_mounted:
+            return LimitReached(f"{cfg.max_mounted} repositories are mounted already "
+                                "(max_mounted)")
+        if repo.pin is not None and (self.registry.pins_of(repo.fqrn)
+                                     >= cfg.max_pins_per_repository):
+            return LimitReached(f"{repo.fqrn} has {cfg.max_pins_per_repository} pinned "
+                                "instances mounted already (max_pins_per_repository)")
+        if requester is None:
+            return None
+        _, mounts, _ = cfg.requester_limits
+        _, holding = self.registry.shares_of(requester)
+        if holding >= mounts:
+            return LimitReached(f"{requester} holds {holding} mounts already "
+                                "(requester_mounts)")
+        return None
+
+    # --- the kernel forgets names past max_names ---------------------------------------------
+    def _evict_excess(self) -> None:
+        if self._nursery is None:
+            return
+        for repo in self.registry.excess():
+            repo.evicting = trio.Event()
+            self._nursery.start_soon(self._evict, repo, name=f"evict {repo.name}")
+
+    async def _evict(self, repo: Repo) -> None:
+        """Tell the kernel to forget a name that holds no mount; its FORGET then drops the
+        entry (registry.forgotten). While this runs nothing is mounted there: an invalidated
+        dentry takes its mounts with it (DESIGN.md §4)."""
+        assert repo.evicting is not None
+        try:
+            await trio.to_thread.run_sync(_invalidate, repo.parent_inode, repo.name)
+        except Exception as exc:  # no FUSE session (unit tests), or the name is gone already
+            log.debug("evict_failed", repo=repo.name, error=repr(exc))
+        finally:
+            done, repo.evicting = repo.evicting, None
+            done.set()
 
     async def settle(self, repo: Repo, timeout: float) -> None:
         """Wait (bounded) until the current boot of repo is attached; raise its error if not."""
@@ -95,7 +154,7 @@ class Mounter:
         if repo.state is State.MOUNTED:
             return
         if repo.state is State.FAILED and repo.last_error is not None:
-            raise repo.last_error
+            raise repo.last_error.replay()
         raise MountError(f"{repo.name} is still {repo.state} after {timeout:g} s")
 
     async def attached(self, repo: Repo, timeout: float) -> None:
@@ -104,17 +163,35 @@ class Mounter:
         with trio.move_on_after(timeout):
             await repo.attached.wait()
         if repo.state is State.FAILED and repo.last_error is not None:
-            raise repo.last_error
+            raise repo.last_error.replay()
         if not repo.attached.is_set():
             raise MountError(f"{repo.name} is still {repo.state} after {timeout:g} s")
 
     # --- the boot ---------------------------------------------------------------------------
-    def _limit(self, repo: Repo) -> contextlib.AbstractAsyncContextManager[object]:
+    @contextlib.asynccontextmanager
+    async def _limit(self, repo: Repo) -> AsyncIterator[None]:
+        """A boot slot: at most max_concurrent_boots cvmfs2 start at once, and the boots one
+        requester started take at most its share of them (the rest wait for its earlier ones,
+        in the daemon, while their processes wait in the kernel), so others always find some."""
         # cvmfs2 may read the config repository under the root while it boots another one: that
         # boot must not queue behind the one that needs it.
         if repo.name == self.cfg.config_repository:
-            return contextlib.nullcontext()
-        return self._limiter
+            yield
+            return
+        requester = repo.requester
+        if requester is None:
+            async with self._limiter:
+                yield
+            return
+        share = self._shares.get(requester)
+        if share is None:
+            share = self._shares[requester] = trio.CapacityLimiter(self.cfg.requester_limits[0])
+        try:
+            async with share, self._limiter:
+                yield
+        finally:
+            if not share.borrowed_tokens and not share.statistics().tasks_waiting:
+                self._shares.pop(requester, None)
 
     async def _mount(self, repo: Repo) -> None:
         started = trio.current_time()
@@ -372,3 +449,10 @@ def _exit_text(code: int | None) -> str:
     if code < 0:
         return f"killed by signal {signal.Signals(-code).name}"
     return f"exited with status {code}"
+
+
+def _invalidate(parent_inode: int, name: str) -> None:
+    """Worker thread (pyfuse3 documents invalidate_entry as not for the request loop)."""
+    import pyfuse3
+
+    pyfuse3.invalidate_entry(parent_inode, name.encode())

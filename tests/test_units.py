@@ -52,7 +52,7 @@ def test_backoff_and_crash_loop() -> None:
 
 def test_crash_loop_backoff_is_not_reset_by_a_successful_boot() -> None:
     reg = Registry(2.0, 300.0, restart_window=60.0, restart_burst=1)
-    repo = reg.add("a.b")
+    repo = reg.candidate("a.b")
     from cvmfsd.errors import BackendDied
 
     async def scenario() -> list[float]:
