@@ -101,6 +101,8 @@ class Workspace:
     def backend(self, system: str) -> Backend:
         d = self.base / system
         d.mkdir(parents=True, exist_ok=True)
+        # cvmfs2 does not create its loader socket directory (a missing one is exit 5).
+        (d / "reload").mkdir(exist_ok=True)
         client_config = write_config(
             d / "client.conf",
             CVMFS_SERVER_URL=f"file://{self.server}/@fqrn@",

@@ -76,6 +76,8 @@ def env(tmp_path: Path) -> Env:
     cache = tmp_path / "cache"
     etc = tmp_path / "etc-cvmfs"
     (etc / "config.d").mkdir(parents=True)
+    # cvmfs2 does not create its loader socket directory (a missing one is exit 5).
+    (tmp_path / "reload").mkdir()
     client_config = tmp_path / "client.conf"
     write_config(client_config, CVMFS_SERVER_URL=f"file://{server}/@fqrn@",
                  CVMFS_HTTP_PROXY="DIRECT", CVMFS_CACHE_BASE=str(cache),
