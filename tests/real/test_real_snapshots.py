@@ -52,7 +52,7 @@ def test_pins_the_history_does_not_have(start_daemon) -> None:  # type: ignore[n
         "tag=nosuchtag": (22, "no such tag: nosuchtag (22 - history init failure)"),
         "date=2001-01-01T00:00:00Z": (22, "no repository state as early as utc timestamp "
                                           "1 Jan 2001 00:00:00 (22 - history init failure)"),
-        f"hash={'0' * 40}": (16, "Failed to initialize root file catalog (16 - file catalog "
+        f"hash={'1' * 40}": (16, "Failed to initialize root file catalog (16 - file catalog "
                                  "failure)"),
     }
     for pin, (code, message) in cases.items():
@@ -66,3 +66,12 @@ def test_pins_the_history_does_not_have(start_daemon) -> None:  # type: ignore[n
         assert message in attempt["stderr_tail"], attempt
     # The live repository is not affected.
     assert (d.path(REPO) / "README").read_text() == revision_files(REPO, "v2")["README"]
+
+
+def test_null_hash_is_no_snapshot(daemon: Daemon) -> None:
+    """cvmfs2 reads forty zeros as the null hash, i.e. no pin (it would mount the live revision
+    under a snapshot's name): such a name is not a snapshot, and starts nothing."""
+    with pytest.raises(OSError) as exc:
+        os.stat(daemon.root / ".snapshots" / f"{REPO}@hash={'0' * 40}")
+    assert exc.value.errno == errno.ENOENT
+    assert daemon.mount_attempts() == []

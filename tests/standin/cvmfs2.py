@@ -239,8 +239,8 @@ def parse_cmdline(argv: list[str]) -> CmdLine | int:
     if not ok or len(positionals) < 2:
         usage(cmd.exe)
         return 2
-    # The loader takes the first two; a third goes on to libfuse, and the boot fails later
-    # (measured with 2.12.0: the mountpoint check, then exit 16).
+    # The loader takes the first two; a third goes on to libfuse, which refuses it when the
+    # FUSE session is made, after the boot (measured with 2.12.0: exit 4).
     cmd.fqrn, cmd.mountpoint = positionals[:2]
     cmd.extra_positionals = positionals[2:]
     if cmd.libfuse is not None and cmd.libfuse not in ("2", "3"):
@@ -485,8 +485,6 @@ def boot(cmd: CmdLine, opts: Options) -> Booted:
 def _boot(cmd: CmdLine, opts: Options) -> Booted:
     from _repo import CatalogError, HistoryError, Repository, host_chain
 
-    if cmd.extra_positionals:
-        raise BootFailure(16, "Failed to initialize root file catalog")
     workspace, cache_dir = _workspace(opts, cmd.fqrn)
     try:
         os.makedirs(workspace, mode=0o770, exist_ok=True)
@@ -712,6 +710,10 @@ def main(argv: list[str]) -> int:
     )
     server = _serve.Server(cfg)
 
+    if cmd.extra_positionals:
+        err(f"fuse: unknown option(s): `{' '.join(cmd.extra_positionals)}'")
+        err("failed to create Fuse session")
+        return 4
     before = fuse_fds()
     try:
         pyfuse3.init(_serve.Operations(server), cmd.mountpoint, _fuse_options(cmd, opts))
