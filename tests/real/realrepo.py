@@ -49,6 +49,17 @@ def missing_tools() -> str | None:
     return None
 
 
+def client_version(cvmfs2: Path = CVMFS2) -> str:
+    """What `cvmfs2 --version` says, e.g. 2.12.0 ("" if it does not run)."""
+    try:
+        out = subprocess.run([str(cvmfs2), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except OSError:
+        return ""
+    found = re.search(r"version (\S+)", out)
+    return found.group(1) if found else ""
+
+
 def big_content(fqrn: str) -> bytes:
     """The 10 MiB file of a repository: deterministic per name, incompressible."""
     out = bytearray()
@@ -170,49 +181,74 @@ def _manifest(storage: Path) -> dict[str, str]:
     return fields
 
 
-class _Builder:
-    """One repository's keys, storage, spool and content (cvmfs_server_mkfs/publish)."""
+@dataclass(frozen=True)
+class Keys:
+    """A repository's signing keys (cvmfs_server_ssl.sh): master key, its public half (what
+    clients verify with), and a certificate with its key that sign the manifests."""
 
-    def __init__(self, base: Path, fqrn: str, server: RepoServer) -> None:
+    prefix: Path
+
+    @property
+    def pub(self) -> Path:
+        return self.prefix.with_name(self.prefix.name + ".pub")
+
+    def path(self, ext: str) -> str:
+        return f"{self.prefix}.{ext}"
+
+    @classmethod
+    def generate(cls, directory: Path, name: str, subject: str) -> Keys:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        k = cls(directory / name)
+        _run("openssl", "genrsa", "-out", k.path("masterkey"), "2048")
+        _run("openssl", "rsa", "-in", k.path("masterkey"), "-pubout", "-out", k.pub)
+        _run("openssl", "genrsa", "-out", k.path("key"), "2048")
+        _run("openssl", "req", "-new", "-subj", f"/CN={subject} CernVM-FS Release Managers",
+             "-key", k.path("key"), "-out", k.path("csr"))
+        _run("openssl", "x509", "-req", "-days", "3650", "-in", k.path("csr"), "-signkey",
+             k.path("key"), "-out", k.path("crt"))
+        Path(k.path("csr")).unlink()
+        # cvmfs2 reads the public key after dropping to the cvmfs user.
+        k.pub.chmod(0o444)
+        return k
+
+
+class _Builder:
+    """One repository's storage, spool and content (cvmfs_server_mkfs/publish); its own keys
+    unless given shared ones (one key pair may sign many repositories)."""
+
+    def __init__(self, base: Path, fqrn: str, server: RepoServer,
+                 keys: Keys | None = None) -> None:
         self.fqrn = fqrn
         self.server = server
         self.storage = server.directory / fqrn
         self.spool_root = base / "spool"
         # /var/spool/cvmfs/<fqrn> inside sync's mount namespace (see publish).
         self.spool = self.spool_root / "cvmfs" / fqrn
-        self.keys = base / "keys"
+        self.keys_dir = base / "keys"
+        self.given_keys = keys
+        self.keys = keys or Keys(self.keys_dir / fqrn)
         self.content = base / "content" / fqrn
         self.upstream = f"local,{self.storage}/data/txn,{self.storage}"
-        self.pub = self.keys / f"{fqrn}.pub"
+
+    @property
+    def pub(self) -> Path:
+        return self.keys.pub
 
     @property
     def url(self) -> str:
         return f"{self.server.url}/{self.fqrn}"
 
-    def make_keys(self) -> None:
-        k = self.keys / self.fqrn
-        _run("openssl", "genrsa", "-out", f"{k}.masterkey", "2048")
-        _run("openssl", "rsa", "-in", f"{k}.masterkey", "-pubout", "-out", self.pub)
-        _run("openssl", "genrsa", "-out", f"{k}.key", "2048")
-        _run("openssl", "req", "-new", "-subj", f"/CN={self.fqrn} CernVM-FS Release Managers",
-             "-key", f"{k}.key", "-out", f"{k}.csr")
-        _run("openssl", "x509", "-req", "-days", "3650", "-in", f"{k}.csr", "-signkey",
-             f"{k}.key", "-out", f"{k}.crt")
-        Path(f"{k}.csr").unlink()
-        # cvmfs2 reads the public key after dropping to the cvmfs user.
-        self.pub.chmod(0o444)
-
     def make_whitelist(self) -> None:
-        k = self.keys / self.fqrn
+        k = self.keys
         now = dt.datetime.now(dt.UTC)
         fingerprint = _run(PUBLISH, "hash", "-a", "sha1", "-f",
-                           stdin=_run("openssl", "x509", "-in", f"{k}.crt", "-outform", "der"))
+                           stdin=_run("openssl", "x509", "-in", k.path("crt"), "-outform", "der"))
         unsigned = (f"{now:%Y%m%d%H%M%S}\nE{now + dt.timedelta(days=365):%Y%m%d%H%M%S}\n"
                     f"N{self.fqrn}\n").encode() + fingerprint
         digest = _run(PUBLISH, "hash", "-a", "sha1", stdin=unsigned).strip()
         tmp = self.spool / "tmp"
         (tmp / "wl.hash").write_bytes(digest)
-        _run("openssl", "pkeyutl", "-inkey", f"{k}.masterkey", "-sign", "-in", tmp / "wl.hash",
+        _run("openssl", "pkeyutl", "-inkey", k.path("masterkey"), "-sign", "-in", tmp / "wl.hash",
              "-out", tmp / "wl.sig")
         (tmp / "whitelist").write_bytes(unsigned + b"--\n" + digest + b"\n"
                                         + (tmp / "wl.sig").read_bytes())
@@ -222,18 +258,23 @@ class _Builder:
             (tmp / name).unlink()
 
     def sign(self, manifest: Path, *extra: str | Path) -> None:
-        k = self.keys / self.fqrn
-        _run(SWISSKNIFE, "sign", "-c", f"{k}.crt", "-k", f"{k}.key", "-n", self.fqrn,
+        k = self.keys
+        _run(SWISSKNIFE, "sign", "-c", k.path("crt"), "-k", k.path("key"), "-n", self.fqrn,
              "-u", self.url, "-m", manifest, "-t", self.spool / "tmp", "-r", self.upstream,
              "-R", self.spool / "reflog.chksum", *extra)
 
-    def write_tree(self, root: Path, files: dict[str, str], big: bytes) -> None:
-        for rel, text in files.items():
+    @staticmethod
+    def write_tree(root: Path, files: dict[str, str | bytes],
+                   executable: Iterable[str] = ()) -> None:
+        for rel, content in files.items():
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        (root / "bin" / "hello").chmod(0o755)
-        (root / "big.bin").write_bytes(big)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+        for rel in executable:
+            (root / rel).chmod(0o755)
 
     def create(self) -> None:
         shutil.rmtree(self.storage, ignore_errors=True)
@@ -244,15 +285,17 @@ class _Builder:
         for i in range(256):
             (self.storage / "data" / f"{i:02x}").mkdir()
         (self.spool / "repoinfo.json").write_text("{}\n")
-        self.make_keys()
+        if self.given_keys is None:
+            self.keys = Keys.generate(self.keys_dir, self.fqrn, self.fqrn)
         self.make_whitelist()
         manifest = self.spool / "tmp" / "new_manifest"
         _run(SWISSKNIFE, "create", "-t", self.spool / "tmp", "-r", self.upstream,
              "-n", self.fqrn, "-a", "sha1", "-o", manifest, "-R", self.spool / "reflog.chksum")
         self.sign(manifest, "-M", self.spool / "repoinfo.json")
 
-    def publish(self, union: Path, scratch: Path, rdonly: Path, tag: str) -> Revision:
-        """sync the changes of `scratch` (aufs-style) onto the published revision, tag, sign."""
+    def publish(self, union: Path, scratch: Path, rdonly: Path, tag: str | None) -> Revision:
+        """sync the changes of `scratch` (aufs-style) onto the published revision, tag (a
+        history entry; None: none), sign."""
         manifest = self.spool / "tmp" / "manifest"
         manifest.unlink(missing_ok=True)
         base_hash = _manifest(self.storage)["C"]
@@ -265,20 +308,21 @@ class _Builder:
              "-t", self.spool / "tmp", "-b", base_hash, "-r", self.upstream, "-w", self.url,
              "-o", manifest, "-e", "sha1", "-Z", "default", "-N", self.fqrn, "-K", self.pub,
              "-f", "aufs")
-        _run(SWISSKNIFE, "tag_edit", "-r", self.upstream, "-w", self.url,
-             "-t", self.spool / "tmp", "-m", manifest, "-p", self.pub, "-f", self.fqrn,
-             "-e", "sha1", "-x", "-a", tag, "-D", f"revision {tag}")
+        if tag is not None:
+            _run(SWISSKNIFE, "tag_edit", "-r", self.upstream, "-w", self.url,
+                 "-t", self.spool / "tmp", "-m", manifest, "-p", self.pub, "-f", self.fqrn,
+                 "-e", "sha1", "-x", "-a", tag, "-D", f"revision {tag}")
         self.sign(manifest)
         fields = _manifest(self.storage)
-        return Revision(int(fields["S"]), tag, fields["C"], int(fields["T"]))
+        return Revision(int(fields["S"]), tag or "", fields["C"], int(fields["T"]))
 
     def build(self) -> Repo:
         self.create()
         c = self.content
         empty, v1, v2, scratch = c / "empty", c / "v1", c / "v2", c / "v2-scratch"
         empty.mkdir(parents=True)
-        big = big_content(self.fqrn)
-        self.write_tree(v1, revision_files(self.fqrn, "v1"), big)
+        self.write_tree(v1, {**revision_files(self.fqrn, "v1"), "big.bin": big_content(self.fqrn)},
+                        executable=["bin/hello"])
         repo = Repo(self.fqrn, self.pub)
         repo.revisions["v1"] = self.publish(v1, v1, empty, "v1")
         # v2 is an aufs-style transaction on top of v1: its scratch area holds what changed.
@@ -298,6 +342,23 @@ class _Builder:
         # Content of both revisions lives in the storage now; the copies are not needed.
         shutil.rmtree(c)
         return repo
+
+    def build_files(self, files: dict[str, str | bytes], executable: Iterable[str]) -> Revision:
+        """One revision with exactly these files, no history."""
+        self.create()
+        empty, tree = self.content / "empty", self.content / "tree"
+        empty.mkdir(parents=True)
+        self.write_tree(tree, files, executable)
+        revision = self.publish(tree, tree, empty, None)
+        shutil.rmtree(self.content)
+        return revision
+
+
+def make_repo(base: Path, fqrn: str, server: RepoServer, files: dict[str, str | bytes],
+              keys: Keys, executable: Iterable[str] = ()) -> Revision:
+    """One repository with one revision of these files, signed with shared keys (what the
+    benchmark needs by the hundred: no key generation, no history)."""
+    return _Builder(base, fqrn, server, keys).build_files(files, executable)
 
 
 def make_repos(base: Path, fqrns: Iterable[str], server: RepoServer,
