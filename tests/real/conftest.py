@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import shutil
 import sys
 import tempfile
@@ -33,9 +32,9 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_helpers import describe, wait_gone
 from realrepo import (
     CVMFS2,
-    CVMFS_USER,
     Repo,
     RepoServer,
     client_params,
@@ -141,13 +140,6 @@ class RealEnv:
         raise NotImplementedError("real repositories are made once, by real_world")
 
 
-def cvmfs_ids() -> tuple[int, int] | None:
-    with contextlib.suppress(KeyError):
-        user = pwd.getpwnam(CVMFS_USER)
-        return user.pw_uid, user.pw_gid
-    return None
-
-
 @pytest.fixture
 def env(real_world: RealWorld, request: pytest.FixtureRequest) -> Iterator[RealEnv]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{request.node.name[:40]}-", dir=real_world.base))
@@ -167,46 +159,3 @@ def env(real_world: RealWorld, request: pytest.FixtureRequest) -> Iterator[RealE
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     assert not left, f"cvmfs2 processes outlived the test: {describe(left)}"
-
-
-def our_cvmfs2(tmp: Path, since: float) -> list[psutil.Process]:
-    """Live cvmfs2 processes of one test: the serving process and the watchdog name the test's
-    config file in their argv; the cache managers (`cvmfs2 __cachemgr__ . ...`) run in the
-    test's cache directory."""
-    mine = []
-    prefix = f"{tmp}/"
-    for p in psutil.process_iter(["name", "cmdline", "create_time", "status"]):
-        with contextlib.suppress(psutil.Error):
-            if p.info["status"] == psutil.STATUS_ZOMBIE or p.info["create_time"] < since:
-                continue
-            cmd = p.info["cmdline"] or []
-            if not cmd or os.path.basename(cmd[0]) != "cvmfs2":
-                continue
-            if any(prefix in c for c in cmd) or (p.cwd() + "/").startswith(prefix):
-                mine.append(p)
-    return mine
-
-
-def wait_gone(tmp: Path, since: float, timeout: float) -> list[psutil.Process]:
-    """Until no cvmfs2 of this test is alive; the exited ones are reaped (this process is a
-    child subreaper, tests/conftest.py: the real client's watchdogs and cache managers come
-    back to it)."""
-    deadline = time.monotonic() + timeout
-    from conftest import reap  # tests/conftest.py by now (pytest_plugin_registered)
-
-    seen: set[int] = set()
-    while True:
-        left = our_cvmfs2(tmp, since)
-        seen |= {p.pid for p in left}
-        reap(seen)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
-
-
-def describe(procs: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            out.append(f"{p.pid} uid {p.uids().real}: {' '.join(p.cmdline())}")
-    return out

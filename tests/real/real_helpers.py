@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 from realrepo import big_content
 
 T = TypeVar("T")
@@ -102,3 +104,51 @@ class Readers:
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def our_cvmfs2(tmp: Path, since: float) -> list[psutil.Process]:
+    """Live cvmfs2 processes (real or stand-in) of one test, started since `since`: the serving
+    process and the watchdog name the test's config file in their argv; the cache managers
+    (`cvmfs2 __cachemgr__ . ...`) run in the test's cache directory."""
+    mine = []
+    prefix = f"{tmp}/"
+    for p in psutil.process_iter(["name", "cmdline", "create_time", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.info["create_time"] < since:
+                continue
+            cmd = p.info["cmdline"] or []
+            if not cmd or not (os.path.basename(cmd[0]) == "cvmfs2"
+                               or any(c.endswith("/standin/cvmfs2.py") for c in cmd)):
+                continue
+            if any(prefix in c for c in cmd) or (p.cwd() + "/").startswith(prefix):
+                mine.append(p)
+    return mine
+
+
+def wait_gone(tmp: Path, since: float, timeout: float) -> list[psutil.Process]:
+    """Until no cvmfs2 of this test is alive; the exited ones are reaped (this process is a
+    child subreaper, tests/conftest.py: the real client's watchdogs and cache managers come
+    back to it)."""
+    deadline = time.monotonic() + timeout
+    seen: set[int] = set()
+    while True:
+        left = our_cvmfs2(tmp, since)
+        seen |= {p.pid for p in left}
+        _reap(seen)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def describe(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append(f"{p.pid} uid {p.uids().real}: {' '.join(p.cmdline())}")
+    return out
+
+
+def _reap(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)

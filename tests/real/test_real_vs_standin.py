@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from real_helpers import big, wait_for
+from real_helpers import big, describe, wait_for, wait_gone
 from realrepo import (
     CVMFS2,
     client_params,
@@ -62,6 +63,7 @@ class Backend:
 def backends(real_world, tmp_path_factory) -> Iterator[dict[str, Backend]]:  # type: ignore[no-untyped-def]
     base = Path(real_world.base) / f"vs-{os.getpid()}-{time.monotonic_ns()}"
     out = {}
+    since = time.time() - 1
     for name in ("real", "standin"):
         d = base / name
         (d / "mnt").mkdir(parents=True)
@@ -89,6 +91,12 @@ def backends(real_world, tmp_path_factory) -> Iterator[dict[str, Backend]]:  # t
         with contextlib.suppress(OSError):
             libc.umount2(str(b.mnt).encode(), 2)
     _reap_all()
+    # Nothing of either client outlives the test (their helpers end once the mounts are gone).
+    left = wait_gone(base, since, timeout=30)
+    for p in left:  # ours beyond doubt: started by this test, argv or cwd below its directory
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    assert not left, f"processes outlived the test: {describe(left)}"
 
 
 def _reap_all() -> None:
