@@ -743,26 +743,58 @@ def owned_dirs(base: Path, uid: int, gid: int) -> dict[str, str]:
     return {"CVMFS_CACHE_BASE": str(base / "cache"), "CVMFS_RELOAD_SOCKETS": str(base / "reload")}
 
 
+def premount(mp: Path) -> int:
+    """Mount /dev/fuse at mp as the parent does in the pre-mounted mode; the descriptor."""
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    data = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    if libc.mount(b"cvmfs2", os.fsencode(mp), b"fuse", MS_RDONLY | MS_NODEV | MS_NOSUID,
+                  data) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, "mount")
+    return fd
+
+
 def test_credentials_and_grab_mountpoint(rig: Rig, open_dir: Path) -> None:
     dirs = owned_dirs(open_dir, 1000, 1001)
+    cfg = rig.config(**dirs)
+    # Mounting itself, the dropped user needs /dev/fuse: where it is root's only, libfuse
+    # fails as in cvmfs2 (the mountpoint was grabbed before).
+    mp = rig.mountpoint("grabbed")
+    res = rig.launch("-o", rig.options(cfg, "uid=1000", "gid=1001", "grab_mountpoint",
+                                       "system_mount"), FQRN, str(mp))
+    grabbed = os.stat(mp)
+    assert (grabbed.st_uid, grabbed.st_gid, stat.S_IMODE(grabbed.st_mode)) == (1000, 1001, 0o755)
+    if stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 != 0o006:
+        assert res.rc == 4, res
+        assert res.stderr == ("fuse: failed to open /dev/fuse: Permission denied\n"
+                              "failed to mount file system\n")
+        assert not mounted(mp)
+    else:
+        assert res.rc == 0, res
+        rig.stop(Mounted(mp, int(talk(open_dir / "cache" / FQRN / f"cvmfs_io.{FQRN}", "pid")),
+                         res))
+    # Pre-mounted by its parent, it serves; what it made after dropping privileges belongs
+    # to the user.
     mp = rig.mountpoint()
-    opts = rig.options(rig.config(**dirs), "uid=1000", "gid=1001", "grab_mountpoint",
-                       "system_mount")
-    res = rig.launch("-o", opts, FQRN, str(mp))
+    fd = premount(mp)
+    try:
+        res = rig.launch("-o", rig.options(cfg, "uid=1000", "gid=1001", "libfuse=3"), FQRN,
+                         f"/dev/fd/{fd}", pass_fds=(fd,))
+    finally:
+        os.close(fd)
     assert res.rc == 0, res
     assert "CernVM-FS: running with credentials 1000:1001\n" in res.stdout
     workspace = open_dir / "cache" / FQRN
     m = Mounted(mp, int(talk(workspace / f"cvmfs_io.{FQRN}", "pid")), res)
     rig.pids.append(m.pid)
-    # What it made after dropping privileges belongs to the user.
     for path in (workspace, workspace / f"cvmfs_io.{FQRN}", workspace / f"lock.{FQRN}",
                  open_dir / "reload" / f"cvmfs.{FQRN}"):
         st = os.stat(path)
         assert (st.st_uid, st.st_gid) == (1000, 1001), path
     assert (mp / "README").read_text() == FILES["README"]
     assert rig.stop(m) == TERM_EXIT
-    grabbed = os.stat(m.mountpoint)
-    assert (grabbed.st_uid, grabbed.st_gid, stat.S_IMODE(grabbed.st_mode)) == (1000, 1001, 0o755)
+    umount(mp, MNT_DETACH)  # the parent owns a pre-mounted mount
 
 
 def test_credentials_the_user_lacks_fail_as_in_cvmfs(rig: Rig, open_dir: Path) -> None:

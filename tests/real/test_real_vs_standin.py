@@ -310,6 +310,9 @@ def test_same_failures_of_the_dropped_user(backends: dict[str, Backend]) -> None
         root_owned.mkdir(mode=0o755, exist_ok=True)
         b.fresh_cache(owner=(user.pw_uid, user.pw_gid))
         out["prepared"] = premounted(b, opts)
+        # Mounting itself, the user needs /dev/fuse (root's only in many containers).
+        out["mounting itself"] = launch(b, opts=opts)
+        unmount(b)
         saved = dict(b.params)
         try:
             b.params["CVMFS_RELOAD_SOCKETS"] = str(root_owned)

@@ -714,6 +714,15 @@ def main(argv: list[str]) -> int:
         err(f"fuse: unknown option(s): `{' '.join(cmd.extra_positionals)}'")
         err("failed to create Fuse session")
         return 4
+    if not premounted:
+        # The dropped user mounts itself: libfuse opens /dev/fuse with its credentials, which
+        # fails where the device is root's only (0600, as in many containers).
+        with credentials(cmd):
+            denied = not os.access("/dev/fuse", os.R_OK | os.W_OK, effective_ids=True)
+        if denied:
+            err("fuse: failed to open /dev/fuse: Permission denied")
+            err("failed to mount file system")
+            return 4
     before = fuse_fds()
     try:
         pyfuse3.init(_serve.Operations(server), cmd.mountpoint, _fuse_options(cmd, opts))
