@@ -129,6 +129,11 @@ class RealEnv:
     reload: Path
 
     @property
+    def shared(self) -> Path:
+        """Reachable by the cvmfs user already (tests/conftest.py's toml_config uses it)."""
+        return self.tmp
+
+    @property
     def repos(self) -> dict[str, Repo]:
         return self.world.repos
 
