@@ -69,6 +69,8 @@ def test_bad_tag_is_a_clear_error_without_retry_storm(versioned: Env, start_daem
     f"{REPO}@date=2024-13-45T00:00:00Z", f"{REPO}@date=yesterday", f"{REPO}@tag=v1@tag=v2",
     f"{REPO}@branch=x", f"{REPO}tag=v1", "-o@tag=v1", f"{REPO}@tag={'x' * 70}",
     f"{REPO}@tag=$(id)", f"{REPO}@tag=v1:x",
+    # cvmfs2's null hash: no pin at all, it would mount the live revision.
+    f"{REPO}@hash={'0' * 40}",
 ])
 def test_injection_in_pins_rejected(daemon: Daemon, name: str) -> None:
     with pytest.raises(InvalidName):
