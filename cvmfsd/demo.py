@@ -42,6 +42,19 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -
     raise RuntimeError("cvmfsd did not become ready")
 
 
+def _workspace_for_cvmfs2(tmp: Path) -> None:
+    """cvmfs2 drops root to the cvmfs user where it exists (as cvmfsd starts it): its cache and
+    reload socket directories are that user's, as the cvmfs package prepares them."""
+    import pwd
+
+    tmp.chmod(0o755)
+    for sub in ("cache", "reload"):
+        (tmp / sub).mkdir()
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam("cvmfs")
+            os.chown(tmp / sub, user.pw_uid, user.pw_gid)
+
+
 def _wait_logged(log: Path, repo: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -63,6 +76,7 @@ def main(keep_going: bool = False) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cvmfsd-demo-") as tmp_name:
         tmp = Path(tmp_name)
+        _workspace_for_cvmfs2(tmp)
         for fqrn, files in REPOS.items():
             make_repo(tmp / "server", fqrn, files, executable=("bin/hello",))
         client = tmp / "client.conf"
