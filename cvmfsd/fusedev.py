@@ -40,8 +40,9 @@ INIT_OUT_SIZE = 64
 FUSE_KERNEL_VERSION = 7
 FUSE_FORGET, FUSE_INIT, FUSE_INTERRUPT, FUSE_BATCH_FORGET = 2, 26, 36, 42
 NO_REPLY = frozenset({FUSE_FORGET, FUSE_INTERRUPT, FUSE_BATCH_FORGET})
-# A read must fit the largest request; cvmfs is read-only, so no request carries data pages.
-READ_SIZE = 1 << 17
+# A read must offer room for the largest request the connection allows (the header plus
+# max_write, which the dead server negotiated: at most 256 pages), or it fails with EINVAL.
+READ_SIZE = (1 << 20) + 4096
 
 
 def _reply(fd: int, unique: int, error: int, payload: bytes = b"") -> None:

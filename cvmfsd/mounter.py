@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from . import backend, fusedev, kernel
+from . import anchor as anchors, backend, fusedev, kernel
 from .children import Children, Tracked
 from .config import Config
 from .errors import (
@@ -140,6 +140,9 @@ class Mounter:
         dentry takes its mounts with it (DESIGN.md §4)."""
         assert repo.evicting is not None
         try:
+            if repo.anchor is not None:  # nothing will be mounted there for its copies now
+                anchor_, repo.anchor = repo.anchor, None
+                await trio.to_thread.run_sync(anchors.drop, anchor_)
             await trio.to_thread.run_sync(_invalidate, repo.parent_inode, repo.name)
         except Exception as exc:  # no FUSE session (unit tests), or the name is gone already
             log.debug("evict_failed", repo=repo.name, error=repr(exc))
@@ -197,10 +200,15 @@ class Mounter:
         started = trio.current_time()
         process: Tracked | None = None
         error: MountError | None = None
+        anchored = False
         with trio.CancelScope() as scope:
             self._boots.add(scope)
             try:
                 fd, dev = await trio.to_thread.run_sync(self._premount, repo)
+                anchored = repo.anchor is not None
+                if repo.anchor is not None:
+                    anchor_, repo.anchor = repo.anchor, None
+                    await trio.to_thread.run_sync(self._pass_on, anchor_, repo.path)
                 self.registry.mount_attached(repo, fd, dev)
                 async with self._limit(repo):
                     pin_config = None
@@ -225,7 +233,8 @@ class Mounter:
         if error is not None:
             held = None
             with trio.CancelScope(shield=True), trio.move_on_after(10):
-                held = await trio.to_thread.run_sync(self._detach, repo.path)
+                # A replacement that reached copies elsewhere is anchored in turn, for the next.
+                held = await trio.to_thread.run_sync(self._detach, repo, anchored)
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
             self._log_attempt(repo, started, None, error)
             # Processes waiting in the connection may have spent their one ESTALE retry on the
@@ -324,7 +333,7 @@ class Mounter:
         mount is in place, and wait there for the new cvmfs2."""
         process = repo.process
         lived = trio.current_time() - (repo.mounted_at or trio.current_time())
-        held = await trio.to_thread.run_sync(self._detach, repo.path)
+        held = await trio.to_thread.run_sync(self._detach, repo, True)
         if repo.state is not State.MOUNTED or repo.process is not process:
             if held is not None:
                 os.close(held)
@@ -344,19 +353,32 @@ class Mounter:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)
 
-    def _detach(self, path: str) -> int | None:
-        """Worker thread: detach what is mounted at <root>/<path>. Returns an O_PATH descriptor
-        of it that keeps its superblock — and so its connection's number under the FUSE control
-        filesystem — from being reused until the caller is done with it and closes it."""
+    def _detach(self, repo: Repo, anchor: bool = False) -> int | None:
+        """Worker thread: detach what is mounted at the repository's path — first anchored
+        (see anchor.py) when copies of it outside the root's tree are to receive the next
+        mount. Returns an O_PATH descriptor of it that keeps its superblock — and so its
+        connection's number under the FUSE control filesystem — from being reused until the
+        caller is done with it and closes it."""
+        path = self.cfg.root / repo.path
         self.registry.enter_own_thread()
         try:
+            if anchor and repo.anchor is None:
+                repo.anchor = anchors.make(path, self.cfg.root,
+                                           self.cfg.staging_dir / f"anchor-{repo.inode}")
             try:
-                held: int | None = os.open(self.cfg.root / path, os.O_PATH | os.O_CLOEXEC)
+                held: int | None = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except OSError:
                 held = None
             with contextlib.suppress(OSError):
-                kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
+                kernel.umount(path, kernel.MNT_DETACH)
             return held
+        finally:
+            self.registry.leave_own_thread()
+
+    def _pass_on(self, anchor: anchors.Anchor, path: str) -> None:
+        self.registry.enter_own_thread()
+        try:
+            anchors.pass_on(anchor, self.cfg.root / path)
         finally:
             self.registry.leave_own_thread()
 
@@ -368,7 +390,7 @@ class Mounter:
         process = repo.process
         self.registry.begin_unmount(repo)
         try:
-            done = await trio.to_thread.run_sync(self._umount, repo.path, lazy)
+            done = await trio.to_thread.run_sync(self._umount, repo, lazy)
         except OSError as exc:
             log.error("umount_failed", repo=repo.name, error=str(exc))
             done = False
@@ -391,18 +413,23 @@ class Mounter:
             self._nursery.start_soon(process.stop, STOP_GRACE)
         return True
 
-    def _umount(self, path: str, lazy_if_busy: bool) -> bool:
-        """Worker thread: unmount <root>/<path>. False when busy and not lazy."""
+    def _umount(self, repo: Repo, lazy_if_busy: bool) -> bool:
+        """Worker thread: unmount the repository. False when busy and not lazy. A forced one
+        is anchored first: copies elsewhere (volumes in pods) get the next mount."""
+        path = self.cfg.root / repo.path
         self.registry.enter_own_thread()
         try:
-            kernel.umount(self.cfg.root / path)
+            kernel.umount(path)
         except OSError as exc:
             if exc.errno != errno.EBUSY or not lazy_if_busy:
                 if exc.errno == errno.EBUSY:
                     return False
                 raise
-            kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
-            log.warning("umount_lazy", repo=path, reason="busy; detached lazily")
+            if repo.anchor is None and not self.closing:
+                repo.anchor = anchors.make(path, self.cfg.root,
+                                           self.cfg.staging_dir / f"anchor-{repo.inode}")
+            kernel.umount(path, kernel.MNT_DETACH)
+            log.warning("umount_lazy", repo=repo.path, reason="busy; detached lazily")
         finally:
             self.registry.leave_own_thread()
         return True

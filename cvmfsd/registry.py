@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import trio
@@ -68,6 +69,9 @@ class Repo:
     # Set while the kernel is told to forget the name: nothing may be mounted there meanwhile
     # (an invalidated dentry takes its mounts with it, DESIGN.md §4).
     evicting: trio.Event | None = None
+    # A clone of the mount that last left the path, for its copies elsewhere to receive the
+    # next one (anchor.py); the mounter's, like fuse_fd.
+    anchor: Any = None
 
     def __post_init__(self) -> None:
         self.fqrn = self.fqrn or self.name
