@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from . import __version__
+from .calls import BackendHung
 from .config import Config, ConfigError
 from .errors import MountError
 from .lifecycle import State
@@ -77,9 +78,7 @@ class Admin:
         period = self.notifier.watchdog_period or LIVENESS_PERIOD
         self.liveness_period = period
         self.liveness = Liveness(registry, cfg.root, timeout=min(5.0, period))
-        self.details = DetailReader(registry, cfg.root)
-        # Probe listings: their own small pool, so hung backends never take the mounter's.
-        self._probe_threads = trio.CapacityLimiter(8)
+        self.details = DetailReader(mounter.calls, cfg.root)
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
         self.requests: dict[tuple[str, str], int] = {}
@@ -226,6 +225,11 @@ class Admin:
             out.append(f"root not answering: {self.liveness.error}")
         for what, why in self.service_errors.items():
             out.append(f"{what} unavailable: {why}")
+        hung = self.mounter.calls.hung()
+        if hung:
+            out.append(f"{len(hung)} repositories' cvmfs2 not answering: "
+                       + ", ".join(f"{name} ({seconds:.0f} s)" for name, seconds in
+                                   sorted(hung.items())[:5]))
         if self.ops.internal_errors:
             out.append(f"{self.ops.internal_errors} unexpected errors in FUSE handlers "
                        "(see the log)")
@@ -406,22 +410,16 @@ class Admin:
         path = self.cfg.root / repo.path
 
         def look() -> int | None:
-            self.registry.enter_own_thread()
+            os.listdir(path)
             try:
-                os.listdir(path)
-                try:
-                    return int(os.getxattr(path, "user.revision"))
-                except (OSError, ValueError):
-                    return None
-            finally:
-                self.registry.leave_own_thread()
+                return int(os.getxattr(path, "user.revision"))
+            except (OSError, ValueError):
+                return None
 
-        with trio.move_on_after(10) as scope:
-            revision = await trio.to_thread.run_sync(look, abandon_on_cancel=True,
-                                                     limiter=self._probe_threads)
-        if scope.cancelled_caught:
-            raise OSError(f"no answer from {path} within 10 s")
-        return revision
+        try:
+            return await self.mounter.calls.call(repo, look, 10.0)
+        except BackendHung as exc:
+            raise OSError(f"no answer from {path}: {exc}") from None
 
 
 __all__ = ["PROTOCOL_VERSION", "RESTART_ONLY", "Admin", "AdminError"]

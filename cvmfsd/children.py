@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 import trio
@@ -33,7 +35,10 @@ class _Exit:
 
 
 class Children:
-    def __init__(self) -> None:
+    def __init__(self, record_dir: Path | None = None) -> None:
+        """record_dir: where each process still running is written down (pid, start time), so
+        that a daemon that starts after this one was killed can stop what it left running."""
+        self.record_dir = record_dir
         self._waiting: dict[int, _Exit] = {}
         self.orphans_reaped = 0
         # Exit statuses of reaped orphans (the serving cvmfs2 processes), newest last, bounded.
@@ -57,6 +62,9 @@ class Children:
         pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
                              setsigdef=DEFAULT_IN_CHILD, setsigmask=())
         self._waiting[pid] = _Exit()
+        if self.record_dir is not None:
+            with contextlib.suppress(OSError):  # a record is a help, not a condition
+                (self.record_dir / str(pid)).write_text(f"{_start_time(pid)}\n")
         return pid
 
     async def wait(self, pid: int) -> int:
@@ -93,6 +101,9 @@ class Children:
             if exit_ is not None:
                 exit_.status = code
                 exit_.event.set()
+                if self.record_dir is not None:
+                    with contextlib.suppress(OSError):
+                        (self.record_dir / str(pid)).unlink()
             else:
                 self.orphans_reaped += 1
                 self.recent[pid] = code
@@ -106,6 +117,42 @@ class Children:
             task_status.started()
             async for _ in signals:
                 self.reap()
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the
+    pid, it names one process, whatever reuses the pid later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def stop_leftovers(record_dir: Path, timeout: float = 5.0) -> list[int]:
+    """Blocking, at start: kill the sessions of processes a previous daemon started and left
+    running — cvmfs2 launchers of boots that were under way when it was killed — which would
+    otherwise go on booting and hold their repository's workspace lock. Only a process whose
+    start time matches its record: a pid reused since is somebody else's."""
+    killed = []
+    record_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for record in record_dir.iterdir():
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(record.name)
+            started = int(record.read_text().split()[0])
+            if _start_time(pid) == started:
+                os.killpg(pid, signal.SIGKILL)  # its own session (spawn: setsid)
+                killed.append(pid)
+        with contextlib.suppress(OSError):
+            record.unlink()
+    deadline = time.monotonic() + timeout
+    while killed and any(_start_time(pid) is not None for pid in killed):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    if killed:
+        log.warning("leftover_boots_stopped", pids=killed)
+    return killed
 
 
 class Tracked:

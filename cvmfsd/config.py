@@ -75,6 +75,9 @@ class Config:
     # How often mounts are checked against mountinfo and their processes (a backstop: a dying
     # backend is noticed at once through its pidfd).
     reconcile_interval: float = 10.0
+    # A backend that leaves one of the daemon's calls (an xattr, a stat) unanswered this long is
+    # killed, and the repository healed; until then it is reported hung.
+    backend_hung_timeout: float = 60.0
     # Mounted (or booting) repositories at most; 0 = unlimited.
     max_mounted: int = 1000
     # A backend that dies more than restart_burst times within restart_window seconds is
@@ -132,7 +135,7 @@ class Config:
 
 _PATHS = {"root", "run_dir", "cvmfs2", "snapshot_dir"}
 _FLOATS = {"mount_timeout", "backoff_initial", "backoff_max", "attach_wait", "expire_timeout",
-           "expire_min_age", "reconcile_interval", "restart_window"}
+           "expire_min_age", "reconcile_interval", "restart_window", "backend_hung_timeout"}
 _INTS = {"max_concurrent_boots", "fuse_max_tasks", "max_mounted", "restart_burst", "max_names",
          "requester_boots", "requester_mounts", "requester_waits", "max_pins_per_repository"}
 _STR_LISTS = {"allow", "deny", "probe_repositories"}
@@ -178,8 +181,8 @@ def _validate(cfg: Config) -> Config:
         problems.append("max_concurrent_boots must be >= 1")
     if cfg.expire_timeout < 0 or cfg.expire_min_age < 0.2:
         problems.append("expire_timeout must be >= 0 and expire_min_age >= 0.2")
-    if cfg.reconcile_interval <= 0 or cfg.restart_window <= 0:
-        problems.append("reconcile_interval and restart_window must be > 0")
+    if cfg.reconcile_interval <= 0 or cfg.restart_window <= 0 or cfg.backend_hung_timeout <= 0:
+        problems.append("reconcile_interval, restart_window and backend_hung_timeout must be > 0")
     if cfg.max_mounted < 0 or cfg.restart_burst < 1:
         problems.append("max_mounted must be >= 0 and restart_burst >= 1")
     if cfg.fuse_max_tasks < 8:

@@ -17,7 +17,7 @@ import trio
 
 from . import __version__, fusedev, kernel, rootmount, signals, takeover
 from .admin import Admin
-from .children import Children, Tracked
+from .children import Children, Tracked, stop_leftovers
 from .config import Config
 from .fs import RootOperations
 from .mounter import Mounter
@@ -140,7 +140,9 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
     os.chdir("/")  # hold no directory busy; cvmfs2 inherits a safe working directory
     registry = Registry(cfg.backoff_initial, cfg.backoff_max, cfg.restart_window,
                         cfg.restart_burst, cfg.max_names)
-    children = Children()
+    # Boots a killed predecessor left running go first: they hold workspace locks.
+    await trio.to_thread.run_sync(stop_leftovers, cfg.run_dir / "boots")
+    children = Children(cfg.run_dir / "boots")
     rt = Runtime(cfg, registry, Mounter(cfg, registry, children), children)
     plan = await trio.to_thread.run_sync(_inspect_root, cfg)
     fuse_scope = trio.CancelScope()

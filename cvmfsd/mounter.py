@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from . import anchor as anchors, backend, fusedev, kernel
+from .calls import BackendCalls
 from .children import Children, Tracked
 from .config import Config
 from .errors import (
@@ -68,6 +69,7 @@ class Mounter:
         # What users can make happen at any rate is logged at a bounded rate.
         self._refusals = Throttle()
         registry.on_excess = self._evict_excess
+        self.calls = BackendCalls(registry)
         # The FUSE control filesystem (fusedev.abort), mounted by the daemon at start.
         self.fusectl: Path | None = None
 
@@ -260,23 +262,12 @@ class Mounter:
         """The daemonized process that serves the mount (xattr user.pid, interface §6): one
         round trip to cvmfs2, which serves by now; bounded, since a backend can hang."""
         path = self.cfg.root / repo.path
-
-        def read_pid() -> int:
-            self.registry.enter_own_thread()
-            try:
-                return backend.serving_pid(path)
-            finally:
-                self.registry.leave_own_thread()
-
-        with trio.move_on_after(BACKEND_CALL_TIMEOUT):
-            try:
-                pid = await trio.to_thread.run_sync(read_pid, abandon_on_cancel=True)
-                return Tracked.open(pid)
-            except (OSError, ValueError) as exc:
-                raise AttachFailed(f"cvmfs2 started but its mount does not answer: {exc}"
-                                   ) from exc
-        raise AttachFailed(f"cvmfs2 started but its mount did not answer within "
-                           f"{BACKEND_CALL_TIMEOUT:g} s")
+        try:
+            pid = await self.calls.call(repo, lambda: backend.serving_pid(path),
+                                        BACKEND_CALL_TIMEOUT)
+            return Tracked.open(pid)
+        except (OSError, ValueError) as exc:
+            raise AttachFailed(f"cvmfs2 started but its mount does not answer: {exc}") from exc
 
     def _release(self, repo: Repo, fd: int | None, held: int | None, error: int,
                  after: trio.Event | None = None) -> None:

@@ -1,9 +1,9 @@
 """What is actually mounted: classify a repository from mountinfo, its process and the mount.
 
 Like cvmfs-csi's probe: not mounted / mounted / corrupted (ENOTCONN, or the serving process is
-gone) / unknown (no answer in time). The stat runs in an abandonable worker thread registered as
-one of the daemon's own, so a hung backend cannot block the daemon, and a walk that lands on a
-covered inode of the root is answered at once instead of waiting for an attach.
+gone) / unknown (no answer in time). The stat is a bounded backend call (calls.py): a hung
+backend cannot block the daemon, and a walk that lands on a covered inode of the root is
+answered at once instead of waiting for an attach.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import os
 from enum import StrEnum
 from pathlib import Path
 
-import trio
-
-from . import kernel
-from .registry import Registry, Repo
+from .calls import BackendCalls, BackendHung
+from .registry import Repo
 
 
 class Observed(StrEnum):
@@ -26,10 +24,10 @@ class Observed(StrEnum):
     UNKNOWN = "unknown"
 
 
-def classify(path: Path, entries: list[kernel.MountEntry], process_alive: bool | None,
-             stat_errno: int | None, stat_timed_out: bool) -> Observed:
+def classify(mounted: bool, process_alive: bool | None, stat_errno: int | None,
+             stat_timed_out: bool) -> Observed:
     """Pure decision from the observations."""
-    if not kernel.mounts_at(str(path), entries):
+    if not mounted:
         return Observed.NOT_MOUNTED
     if process_alive is False or stat_errno in (errno.ENOTCONN, errno.ECONNABORTED):
         return Observed.CORRUPTED
@@ -38,35 +36,40 @@ def classify(path: Path, entries: list[kernel.MountEntry], process_alive: bool |
     return Observed.MOUNTED
 
 
-async def probe(registry: Registry, root: Path, repo: Repo, entries: list[kernel.MountEntry],
+async def probe(calls: BackendCalls, root: Path, repo: Repo, mountpoints: set[str],
                 timeout: float = 2.0) -> Observed:
+    """mountpoints: every mount point in mountinfo, read once per pass."""
     path = root / repo.path
-    if not kernel.mounts_at(str(path), entries):
-        return Observed.NOT_MOUNTED
     alive = None if repo.process is None else not repo.process.exited.is_set()
+    if str(path) not in mountpoints:
+        return classify(False, alive, None, False)
 
-    def stat_own() -> int | None:
-        registry.enter_own_thread()
+    def stat() -> int | None:
         try:
             os.stat(path)
             return None
         except OSError as exc:
             return exc.errno
-        finally:
-            registry.leave_own_thread()
 
-    stat_errno: int | None = None
-    with trio.move_on_after(timeout) as scope:
-        stat_errno = await trio.to_thread.run_sync(stat_own, abandon_on_cancel=True)
-    return classify(path, entries, alive, stat_errno, scope.cancelled_caught)
-
-
-def read_idle_counter(registry: Registry, path: Path) -> int | None:
-    """cvmfs2's count of open() calls (xattr user.nopen): stat walks do not move it. Blocking."""
-    registry.enter_own_thread()
     try:
-        return int(os.getxattr(path, "user.nopen"))
-    except (OSError, ValueError):
+        stat_errno = await calls.call(repo, stat, timeout)
+    except BackendHung:
+        return classify(True, alive, None, True)
+    return classify(True, alive, stat_errno, False)
+
+
+async def idle_counter(calls: BackendCalls, root: Path, repo: Repo,
+                       timeout: float) -> int | None:
+    """cvmfs2's count of open() calls (xattr user.nopen): stat walks do not move it."""
+    path = root / repo.path
+
+    def read() -> int | None:
+        try:
+            return int(os.getxattr(path, "user.nopen"))
+        except (OSError, ValueError):
+            return None
+
+    try:
+        return await calls.call(repo, read, timeout)
+    except BackendHung:
         return None
-    finally:
-        registry.leave_own_thread()

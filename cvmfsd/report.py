@@ -9,14 +9,14 @@ independent of where the cache lives. Cache usage has no xattr; it comes from th
 serving cvmfs2 runs in its workspace). Where that fails (a CVMFS_TALK_SOCKET override, no
 CAP_SYS_PTRACE for another uid's /proc entry) cache usage is reported as null.
 
-All of it is read in worker threads registered as the daemon's own (DESIGN.md §2, §10) with a
-deadline: a hung backend makes its fields null instead of stalling the caller, and abandoned
-threads are bounded by a limiter of their own, so they never starve the mounter's threads.
+All of it is read as bounded backend calls (calls.py): a hung backend makes its fields null
+instead of stalling the caller, and holds one worker thread at most.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import time
@@ -28,11 +28,10 @@ from typing import Any
 import trio
 
 from . import backend
+from .calls import BackendCalls, BackendHung
 from .lifecycle import State
 from .registry import Registry, Repo
 
-# Worker threads reading xattrs at once (and, when backends hang, abandoned at most).
-DETAIL_THREADS = 8
 _CACHE_RE = re.compile(r"\((\d+) Bytes\).*?\((\d+) Bytes\)", re.S)
 
 
@@ -74,23 +73,18 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-def read_details(registry: Registry, root: Path, repo_path: str, fqrn: str,
-                 pid: int | None) -> Details:
-    """Blocking: run in a worker thread. repo_path is relative to the root (a snapshot lives
+def read_details(root: Path, repo_path: str, fqrn: str, pid: int | None) -> Details:
+    """Blocking: a backend call (calls.py). repo_path is relative to the root (a snapshot lives
     under .snapshots/); the talk socket is named after the fqrn."""
-    registry.enter_own_thread()
-    try:
-        path = root / repo_path
-        details = Details(
-            revision=_int(_xattr(path, "user.revision")),
-            root_hash=_xattr(path, "user.root_hash"),
-            host=_xattr(path, "user.host"),
-            proxy=_xattr(path, "user.proxy"),
-            client_version=_xattr(path, "user.version"),
-            nioerr=_int(_xattr(path, "user.nioerr")),
-        )
-    finally:
-        registry.leave_own_thread()
+    path = root / repo_path
+    details = Details(
+        revision=_int(_xattr(path, "user.revision")),
+        root_hash=_xattr(path, "user.root_hash"),
+        host=_xattr(path, "user.host"),
+        proxy=_xattr(path, "user.proxy"),
+        client_version=_xattr(path, "user.version"),
+        nioerr=_int(_xattr(path, "user.nioerr")),
+    )
     if pid is not None:
         # Not under the root: no FUSE request of ours is involved. Bounded by the socket timeout.
         with contextlib.suppress(OSError, ValueError):
@@ -104,25 +98,24 @@ def read_details(registry: Registry, root: Path, repo_path: str, fqrn: str,
 
 
 class DetailReader:
-    def __init__(self, registry: Registry, root: Path) -> None:
-        self.registry = registry
+    def __init__(self, calls: BackendCalls, root: Path) -> None:
+        self.calls = calls
         self.root = root
-        self._limiter = trio.CapacityLimiter(DETAIL_THREADS)
 
     async def read(self, repos: list[Repo], deadline: float) -> dict[str, Details]:
         """Details of the mounted ones among repos; missing entries did not answer in time."""
         out: dict[str, Details] = {}
 
         async def one(repo: Repo) -> None:
-            out[repo.name] = await trio.to_thread.run_sync(
-                read_details, self.registry, self.root, repo.path, repo.fqrn, repo.serving_pid,
-                limiter=self._limiter, abandon_on_cancel=True)
+            with contextlib.suppress(BackendHung):
+                out[repo.name] = await self.calls.call(
+                    repo, functools.partial(read_details, self.root, repo.path, repo.fqrn,
+                                            repo.serving_pid), deadline)
 
-        with trio.move_on_after(deadline):
-            async with trio.open_nursery() as nursery:
-                for repo in repos:
-                    if repo.state is State.MOUNTED:
-                        nursery.start_soon(one, repo)
+        async with trio.open_nursery() as nursery:
+            for repo in repos:
+                if repo.state is State.MOUNTED:
+                    nursery.start_soon(one, repo)
         return out
 
 

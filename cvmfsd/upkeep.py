@@ -7,6 +7,8 @@ and the clock for idle expiry.
 
 from __future__ import annotations
 
+import signal
+
 import structlog
 import trio
 
@@ -14,10 +16,13 @@ from . import kernel
 from .config import Config
 from .lifecycle import Event, State
 from .mounter import Mounter
-from .probe import Observed, probe, read_idle_counter
+from .probe import Observed, idle_counter, probe
 from .registry import Registry, Repo
 
 log = structlog.get_logger("cvmfsd.upkeep")
+
+# Seconds the idle counter of a repository may take to read.
+CALL_TIMEOUT = 5.0
 
 
 class Upkeep:
@@ -29,8 +34,9 @@ class Upkeep:
 
     @property
     def interval(self) -> float:
+        # Expiry is checked often enough to happen within a tenth of expire_timeout of due.
         if self.cfg.expire_timeout > 0:
-            return max(0.05, min(self.cfg.reconcile_interval, self.cfg.expire_timeout / 2))
+            return max(0.05, min(self.cfg.reconcile_interval, self.cfg.expire_timeout / 10))
         return self.cfg.reconcile_interval
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -45,18 +51,31 @@ class Upkeep:
     async def once(self) -> None:
         now = trio.current_time()
         entries = await trio.to_thread.run_sync(kernel.read_mountinfo)
+        mountpoints = {e.mountpoint for e in entries}
         reconcile_due = now - self._reconciled_at >= self.cfg.reconcile_interval
         if reconcile_due:
             self._reconciled_at = now
+            await self._end_hung()
         for repo in self.registry.mounted():
-            if reconcile_due and not await self._reconcile(repo, entries):
+            if reconcile_due and not await self._reconcile(repo, mountpoints):
                 continue
             if self.cfg.expire_timeout > 0:
                 await self._maybe_expire(repo, now)
 
-    async def _reconcile(self, repo: Repo, entries: list[kernel.MountEntry]) -> bool:
+    async def _end_hung(self) -> None:
+        """A backend that has not answered a call for backend_hung_timeout is killed; its
+        death heals the repository (and ends the stuck call)."""
+        for name, seconds in self.mounter.calls.hung().items():
+            repo = self.registry.get(name)
+            if seconds < self.cfg.backend_hung_timeout or repo is None or repo.process is None:
+                continue
+            log.error("backend_hung", repo=name, hung_for_s=round(seconds, 1),
+                      serving_pid=repo.serving_pid, action="SIGKILL; it heals")
+            repo.process.signal(signal.SIGKILL)
+
+    async def _reconcile(self, repo: Repo, mountpoints: set[str]) -> bool:
         """False when the repository turned out not to be (healthily) mounted."""
-        seen = await probe(self.registry, self.cfg.root, repo, entries)
+        seen = await probe(self.mounter.calls, self.cfg.root, repo, mountpoints)
         if repo.state is not State.MOUNTED:
             return False
         if seen is Observed.CORRUPTED:
@@ -72,14 +91,15 @@ class Upkeep:
         assert repo.mounted_at is not None
         if now - repo.mounted_at < self.cfg.expire_min_age:
             return
-        path = self.cfg.root / repo.path
-        nopen = await trio.to_thread.run_sync(read_idle_counter, self.registry, path)
+        nopen = await idle_counter(self.mounter.calls, self.cfg.root, repo, CALL_TIMEOUT)
         if repo.state is not State.MOUNTED:
             return
-        if repo.idle_since is None or (nopen is not None and nopen != repo.nopen):
-            # First look, or something was opened since the last one. (Without the counter,
-            # expiry relies on umount2's EBUSY alone.)
-            repo.nopen, repo.idle_since = nopen, now
+        if repo.idle_since is None:
+            # First look: idle since the mount unless something was opened since (when is not
+            # known: from now). Without the counter expiry relies on umount2's EBUSY alone.
+            repo.nopen, repo.idle_since = nopen, (repo.mounted_at if not nopen else now)
+        elif nopen is not None and nopen != repo.nopen:
+            repo.nopen, repo.idle_since = nopen, now  # opened since the last look
             return
         if now - repo.idle_since < self.cfg.expire_timeout:
             return
