@@ -40,7 +40,7 @@ PROTOCOL_VERSION = 1
 RESTART_ONLY = frozenset({
     "root", "run_dir", "control_socket", "admin_group", "metrics_listen", "fuse_max_tasks",
     "max_concurrent_boots", "backoff_initial", "backoff_max", "restart_window", "restart_burst",
-    "log_level", "log_format", "stop_mode",
+    "log_level", "log_format", "stop_mode", "cvmfs2_user", "max_names",
 })
 # Liveness checks run this often when systemd asks for no watchdog (for `status` and metrics).
 LIVENESS_PERIOD = 5.0

@@ -238,6 +238,13 @@ class RootOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if fh not in _DIRS:
             raise _fail(errno.ESTALE)  # never wait: the kernel holds the directory lock
+        # "." and ".." first (offsets 1 and 2; repository inodes start above), as every
+        # directory has them (`ls -la`). The kernel links neither from a readdirplus reply.
+        parent = ROOT_INODE
+        for offset, (dot, inode) in enumerate(((b".", fh), (b"..", parent)), start=1):
+            if start_id < offset and not pyfuse3.readdir_reply(
+                    token, dot, self._dir_attrs(inode), offset):
+                return
         # The root lists live repositories only: users who never ask for a snapshot never
         # see one. .snapshots lists the pinned instances that are mounted.
         for repo in self.registry.mounted(pinned=fh == SNAPSHOTS_INODE):

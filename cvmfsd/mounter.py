@@ -66,6 +66,9 @@ class Mounter:
         self._boots_idle = trio.Event()
         self.closing = False
         self.credentials = backend.Credentials.lookup(cfg.cvmfs2_user)
+        if self.credentials is None:
+            log.warning("cvmfs2_keeps_root", user=cfg.cvmfs2_user or None,
+                        reason="no such user" if cfg.cvmfs2_user else "cvmfs2_user is empty")
         # What users can make happen at any rate is logged at a bounded rate.
         self._refusals = Throttle()
         registry.on_excess = self._evict_excess
