@@ -9,7 +9,9 @@ error after a failed boot (the process may have spent its one ESTALE retry alrea
 ESTALE once a new mount is in place after a crash, so that the VFS walks the path again once
 (LOOKUP_REVAL) and lands on the new mount (docs/DESIGN.md §2).
 
-The raw protocol needed for that is tiny: read a request, write a header with an errno.
+The raw protocol needed for that is tiny: read a request, write a header with an errno. Where
+the kernel has FUSE_NOTIFY_RESEND (6.9), even the requests the dead server had read already are
+queued again and answered; on older kernels those fail when the connection ends.
 FUSE_INIT gets a minimal success reply when cvmfs2 died before reading it, or the waiting
 processes would be refused with ECONNREFUSED. Only ever used on a connection whose server is
 known to be gone: two readers would split the requests between them.
@@ -39,6 +41,10 @@ INIT_OUT = struct.Struct("<IIIIHHIIHHI")
 INIT_OUT_SIZE = 64
 FUSE_KERNEL_VERSION = 7
 FUSE_FORGET, FUSE_INIT, FUSE_INTERRUPT, FUSE_BATCH_FORGET = 2, 26, 36, 42
+FUSE_NOTIFY_RESEND = 7
+# Closing what was open on the dead mount has nothing left to do: success, so that close()
+# does not report an error for it.
+CLOSING = frozenset({18, 20, 25, 29, 30})  # RELEASE, FSYNC, FLUSH, RELEASEDIR, FSYNCDIR
 NO_REPLY = frozenset({FUSE_FORGET, FUSE_INTERRUPT, FUSE_BATCH_FORGET})
 # A read must offer room for the largest request the connection allows (the header plus
 # max_write, which the dead server negotiated: at most 256 pages), or it fails with EINVAL.
@@ -66,8 +72,20 @@ def answer(fd: int, request: bytes, error: int = errno.ESTALE) -> int | None:
         init = INIT_OUT.pack(FUSE_KERNEL_VERSION, minor, readahead, 0, 0, 0, 4096, 1, 0, 0, 0)
         _reply(fd, unique, 0, init.ljust(INIT_OUT_SIZE, b"\0"))
     else:
-        _reply(fd, unique, error)
+        _reply(fd, unique, 0 if opcode in CLOSING else error)
     return opcode
+
+
+def resend(fd: int) -> bool:
+    """Ask the kernel to queue again the requests the dead server had read but not answered
+    (FUSE_NOTIFY_RESEND, Linux 6.9, meant for a server that fails over on a kept descriptor),
+    so that they can be answered too instead of failing when the connection ends. False where
+    the kernel has no such notification."""
+    try:
+        os.write(fd, OUT_HEADER.pack(OUT_HEADER.size, FUSE_NOTIFY_RESEND, 0))
+    except OSError:
+        return False
+    return True
 
 
 async def answer_all(fd: int, error: int, *, idle: float, name: str) -> int:
@@ -76,6 +94,7 @@ async def answer_all(fd: int, error: int, *, idle: float, name: str) -> int:
     aborts the connection (abort()) and closes fd: a request the dead server had read already
     can never be answered, and fails only once the connection ends."""
     os.set_blocking(fd, False)
+    resend(fd)
     answered = 0
     while True:
         with trio.move_on_after(idle) as quiet:
@@ -125,4 +144,4 @@ def abort(control: Path | None, dev: tuple[int, int] | None) -> bool:
     return True
 
 
-__all__ = ["abort", "answer", "answer_all", "mount_control"]
+__all__ = ["abort", "answer", "answer_all", "mount_control", "resend"]

@@ -4,6 +4,7 @@ repositories expire while busy ones stay, and SIGTERM leaves no mount and no cvm
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,81 @@ def test_killed_serving_process_is_healed(start_daemon, sig: signal.Signals) -> 
     assert [e["repo"] for e in d.events("healed")] == [repo]
     # One healthy mount at the final path, no dead layer below it.
     assert [m for m in mounts_under(d.env.tmp) if repo in m] == [str(path)]
+
+
+PATH_READER = """
+import json, os, sys, time
+repo, stop, out = sys.argv[1:4]
+ops = failures = 0
+errors = []
+while not os.path.exists(stop):
+    try:
+        os.stat(os.path.join(repo, "sub", "hello.txt"))
+        os.close(os.open(os.path.join(repo, "README"), os.O_RDONLY))
+        os.close(os.open(os.path.join(repo, "sub"), os.O_RDONLY | os.O_DIRECTORY))
+        os.getxattr(repo, "user.fqrn")
+        os.access(os.path.join(repo, "bin", "hello.sh"), os.X_OK)
+    except OSError as exc:
+        failures += 1
+        errors.append(repr(exc))
+    ops += 1
+    with open(out + ".ops", "w") as f:
+        f.write(str(ops))
+    time.sleep(0.001)
+json.dump({"ops": ops, "failures": failures, "errors": errors[:10]}, open(out, "w"))
+"""
+
+
+def test_term_of_the_serving_process_fails_no_path_walk(start_daemon, env) -> None:  # type: ignore[no-untyped-def]
+    """A TERM (an admin's kill, a node agent) makes the real cvmfs2 exit without unmounting in
+    pre-mounted mode. Requests waiting in its connection, and those it had read (where the
+    kernel can queue them again), are held by the daemon until the repository is mounted
+    again, then walk their path again: stat, open, close, access and getxattr see no failure
+    (on a direct mount they would get ENOTCONN until something remounts it). Only a read on a
+    file or directory that was already open across the exit can fail: its handle belongs to the
+    dead mount (docs/views.md, fact 9)."""
+    d: Daemon = start_daemon(expire_timeout=0)
+    repo = "alpha.real.test"
+    assert (d.path(repo) / "README").exists()
+    stop = env.tmp / "path-readers.stop"
+    outs = [env.tmp / f"path-reader-{i}.json" for i in range(4)]
+    readers = [subprocess.Popen([sys.executable, "-c", PATH_READER, str(d.path(repo)), str(stop),
+                                 str(out)]) for out in outs]
+    def progressed(by: int, since: list[int]) -> bool:
+        now = [int(Path(f"{out}.ops").read_text() or 0) if Path(f"{out}.ops").exists() else 0
+               for out in outs]
+        return all(n >= s + by for n, s in zip(now, since, strict=True))
+
+    try:
+        seen = [0] * len(outs)
+        for _ in range(3):
+            # Each death comes once every reader is well into its loop on the current mount.
+            wait_for("readers going", lambda seen=seen: progressed(20, seen), timeout=60)
+            seen = [int(Path(f"{out}.ops").read_text() or 0) for out in outs]
+            old = serving_pid(d.path(repo))
+            os.kill(old, signal.SIGTERM)
+            wait_for(f"pid {old} to exit", lambda old=old: exited(old))
+            wait_for("the repository served again",
+                     lambda old=old: serving_pid_or_none(d.path(repo)) not in (None, old))
+        stop.touch()
+        assert [r.wait(timeout=60) for r in readers] == [0] * len(readers)
+    finally:
+        stop.touch()
+        for r in readers:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+    results = [json.loads(out.read_text()) for out in outs]
+    assert all(r["ops"] > 0 for r in results), results
+    assert [r["failures"] for r in results] == [0] * len(results), results
+    assert [e["repo"] for e in d.events("healed")] == [repo] * 3
+
+
+def serving_pid_or_none(path: Path) -> int | None:
+    try:
+        return serving_pid(path)
+    except OSError:
+        return None
 
 
 def test_idle_repository_expires_busy_one_stays(start_daemon) -> None:  # type: ignore[no-untyped-def]
