@@ -9,8 +9,10 @@ cvmfs2 runs in pre-mounted mode (docs/cvmfs2-interface.md §3): the daemon mount
 name up crosses that mount right away and waits in the kernel for cvmfs2's first answer, so no
 FUSE handler of the root waits for a boot, and the answer comes as soon as cvmfs2 serves. The
 daemon keeps a copy of the descriptor: when cvmfs2 fails or dies, the requests waiting in the
-connection are answered with ESTALE after the dead mount is gone (fusedev), and the processes
-walk again onto what is there now.
+connection are answered once the dead mount is gone (fusedev): with the name's error after a
+failed boot, with ESTALE once the replacement is in place after a death (the processes walk
+again onto it). Copies of the dead mount outside the root's views receive the replacement
+through an anchor (anchor.py).
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class Mounter:
         if requester is None:
             return None
         _, mounts, _ = cfg.requester_limits
-        _, holding = self.registry.shares_of(requester)
+        holding = self.registry.held_by(requester)
         if holding >= mounts:
             return LimitReached(f"{requester} holds {holding} mounts already "
                                 "(requester_mounts)")

@@ -101,8 +101,8 @@ class Registry:
         self._mounted: dict[int, Repo] = {}
         self._counts: dict[State, int] = dict.fromkeys(State, 0)
         self._pins: dict[str, int] = {}  # fqrn -> pinned instances holding a mount
-        # requester -> [boots in progress, mounts held] that it started
-        self._shares: dict[object, list[int]] = {}
+        # requester -> mounts (booting or mounted) it started that are held
+        self._held: dict[object, int] = {}
         self.boots_total = 0
         self._next_inode = SNAPSHOTS_INODE + 1
         self._backoff = (backoff_initial, backoff_max)
@@ -142,12 +142,12 @@ class Registry:
             self._pins[repo.fqrn] = self._pins.get(repo.fqrn, 0) + (1 if new in ACTIVE else -1)
             if not self._pins[repo.fqrn]:
                 del self._pins[repo.fqrn]
-        if repo.requester is not None:
-            shares = self._shares.setdefault(repo.requester, [0, 0])
-            shares[0] += (new is State.BOOTING) - (old is State.BOOTING)
-            shares[1] += (new in ACTIVE) - (old in ACTIVE)
-            if shares == [0, 0]:
-                del self._shares[repo.requester]
+        if repo.requester is not None and (old in ACTIVE) != (new in ACTIVE):
+            held = self._held.get(repo.requester, 0) + (1 if new in ACTIVE else -1)
+            if held:
+                self._held[repo.requester] = held
+            else:
+                del self._held[repo.requester]
         if new in ACTIVE:
             self._inactive.pop(repo.name, None)
         else:
@@ -238,10 +238,9 @@ class Registry:
         """Repositories that hold (or are about to hold) a mount."""
         return sum(self._counts[s] for s in ACTIVE)
 
-    def shares_of(self, requester: object) -> tuple[int, int]:
-        """(boots in progress, mounts held) that a requester started."""
-        booting, holding = self._shares.get(requester, (0, 0))
-        return booting, holding
+    def held_by(self, requester: object) -> int:
+        """Mounts (booting or mounted) that a requester started and that are held."""
+        return self._held.get(requester, 0)
 
     def pins_of(self, fqrn: str) -> int:
         """Pinned instances of a repository that hold a mount."""
