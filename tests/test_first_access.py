@@ -110,3 +110,19 @@ def test_realpath_from_subdirectory_is_canonical(daemon: Daemon) -> None:
                     str(daemon.path("atlas.cern.ch") / "bin"))
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == daemon.path("atlas.cern.ch") / "bin"
+
+
+def test_listings_have_dot_and_dotdot(daemon: Daemon) -> None:
+    """`ls -la` shows "." and ".." in the root and in .snapshots, like any directory, and the
+    repositories that are mounted after them."""
+    assert (daemon.path("alice.cern.ch") / "README").exists()
+    daemon.wait_mounted("alice.cern.ch")
+    out = subprocess.run(["ls", "-a1", str(daemon.root)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [".", "..", "alice.cern.ch"]
+    snaps = subprocess.run(["ls", "-a1", str(daemon.root / ".snapshots")], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert snaps == [".", ".."]
+    # "." of the root is the root itself.
+    assert os.stat(daemon.root / ".").st_ino == os.stat(daemon.root).st_ino
+
