@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +131,37 @@ class Daemon:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """One request on the daemon's status socket; the whole reply (check reply["ok"])."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(str(self.run_dir / "cvmfsd.sock"))
+            s.sendall(json.dumps({"v": 1, "cmd": cmd, **args}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+        """Poll check() until it returns something true; fail naming what was awaited. The
+        timeout only guards against a hang: tests wait for events, not for time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cvmfsd exited {self.proc.returncode} while waiting for "
+                                     f"{what}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; last log lines: "
+                                     f"{self.events()[-8:]}")
+            time.sleep(0.02)
 
     def wait_ready(self, count: int, timeout: float = 30) -> None:
         """Until the count-th "ready" line (a re-executed daemon logs one more)."""
