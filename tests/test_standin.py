@@ -361,6 +361,21 @@ def test_boot_delay_and_hang(rig: Rig) -> None:
     proc.wait(10)
 
 
+def test_boot_gate(rig: Rig) -> None:
+    """The boot waits for the gate file, however long, then mounts."""
+    mp = rig.mountpoint()
+    gate = rig.base / "gate"
+    proc = rig.popen("-o", rig.options(rig.config(CVMFS_STANDIN_BOOT_GATE=str(gate))), FQRN,
+                     str(mp))
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(1.0)
+    assert not os.path.ismount(mp)
+    gate.touch()
+    assert proc.wait(30) == 0
+    rig.pids.append(int(talk(rig.talk_path(), "pid")))
+    assert os.path.ismount(mp)
+
+
 # -- a mounted repository ---------------------------------------------------------
 
 
