@@ -77,9 +77,8 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
             killed = time.monotonic()
             while not exited(pid):
                 time.sleep(0.001)
-            heal = wait_open_ok(blob, timeout=2.0)
+            wait_open_ok(blob, timeout=60.0)  # a guard against a hang, not a figure
             heal_times.append(time.monotonic() - killed)
-            assert heal <= 2.0
             assert serving_pid(d, repo) != pid
     finally:
         stop.touch()
@@ -95,27 +94,36 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
 
 
 def test_backend_that_crashes_on_every_boot_is_backed_off(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(restart_burst=3, restart_window=60.0, backoff_initial=2.0)
+    # A window and a backoff far longer than the test: the count below is exact.
+    d = start_daemon(restart_burst=3, restart_window=600.0, backoff_initial=300.0,
+                     backoff_max=300.0)
     repo = "crashy.cern.ch"
     d.env.add_repo(repo)
     d.env.repo_config(repo, CVMFS_STANDIN_CRASH_AFTER="5")
-    started = time.monotonic()
     codes: dict[int, int] = {}
-    while time.monotonic() - started < 15:
+
+    def read_until_backed_off() -> bool:
         try:
             (d.path(repo) / "data" / "blob.bin").read_bytes()
             codes[0] = codes.get(0, 0) + 1
         except OSError as exc:
             codes[exc.errno] = codes.get(exc.errno, 0) + 1
-        time.sleep(0.02)
-    boots = d.env.boots().count(repo)
-    # 4 quick deaths are healed (burst 3), then 2 s, 4 s, 8 s backoff: at most ~7 in 15 s.
-    assert 4 <= boots <= 8, boots
+        healed = [e for e in d.events("healed") if e["repo"] == repo]
+        return bool(healed) and healed[-1]["state"] == "failed"
+
+    d.wait_for("the crash loop to be backed off", read_until_backed_off, timeout=120)
+    # Deaths 1-3 are healed at once (burst 3); the 4th within the window is backed off.
+    assert d.env.boots().count(repo) == 4
+    assert [e["state"] for e in d.events("healed") if e["repo"] == repo] == [
+        "idle", "idle", "idle", "failed"]
+    assert "SIGABRT" in d.events("healed")[-1]["reason"]
+    # Backed off: lookups fail at once with EIO and start nothing.
+    for _ in range(20):
+        with pytest.raises(OSError) as exc:
+            os.stat(d.path(repo) / "README")
+        assert exc.value.errno == errno.EIO
+    assert d.env.boots().count(repo) == 4
     assert set(codes) <= {0, errno.EIO, errno.ENOTCONN, errno.ENOENT}, codes
-    assert codes.get(errno.EIO, 0) > 0
-    healed = [e for e in d.events("healed") if e["repo"] == repo]
-    assert healed and healed[-1]["state"] == "failed"
-    assert "SIGABRT" in healed[-1]["reason"]
 
 
 def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -130,11 +138,14 @@ def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ign
     pod = PodView(d.root, d.env.tmp / "pod")
     try:
         assert pod.do("chdir", in_pod)["ok"]
-        deadline = time.monotonic() + 10
-        while str(d.path(idle)) in mounts_under(d.root):
-            assert time.monotonic() < deadline, "the idle repository was never expired"
-            time.sleep(0.1)
-        time.sleep(3.0)  # several more expiry periods for the busy ones
+        d.wait_for("the idle repository to expire",
+                   lambda: str(d.path(idle)) not in mounts_under(d.root))
+        # A clock made of events: a repository mounted only now must expire too. By then the
+        # busy ones, idle-looking for longer, were due in every one of those upkeep passes.
+        clock = "sft.cern.ch"
+        assert (d.path(clock) / "README").exists()
+        d.wait_for("the later repository to expire",
+                   lambda: str(d.path(clock)) not in mounts_under(d.root))
         mounted = mounts_under(d.root)
         for busy in (with_file, with_cwd, in_pod):
             assert str(d.path(busy)) in mounted, busy
@@ -148,10 +159,8 @@ def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ign
         cwd.wait()
         pod.close()
     # Released: now they expire too.
-    deadline = time.monotonic() + 10
-    while any(str(d.path(r)) in mounts_under(d.root) for r in (with_file, with_cwd, in_pod)):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    d.wait_for("the released repositories to expire", lambda: not any(
+        str(d.path(r)) in mounts_under(d.root) for r in (with_file, with_cwd, in_pod)))
 
 
 def test_stat_walks_do_not_keep_a_repository_mounted(start_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -164,7 +173,7 @@ def test_stat_walks_do_not_keep_a_repository_mounted(start_daemon) -> None:  # t
         os.listdir(d.root)
         with pytest.raises(OSError):
             os.stat(d.path("sft.cern.ch") / "missing")
-        assert time.monotonic() - started < 10, "stat walks kept the repository mounted"
+        assert time.monotonic() - started < 60, "stat walks kept the repository mounted"
         time.sleep(0.05)
 
 
