@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -10,12 +11,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import DEMO_FILES, Daemon, exited, mounts_under, reap, soak_size
 from podview import PodView
+
+from cvmfsd import kernel
 
 BLOB = DEMO_FILES["data/blob.bin"]
 
@@ -247,3 +251,147 @@ def test_start_over_a_dead_root(start_daemon, env) -> None:  # type: ignore[no-u
         assert time.monotonic() < deadline, "backends outlived the final shutdown"
         time.sleep(0.05)
     reap([alive, dead])
+
+
+def test_max_mounted_refuses_with_enospc_and_says_why(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = start_daemon(max_mounted=2, expire_timeout=0)
+    for repo in ("alice.cern.ch", "atlas.cern.ch"):
+        assert (d.path(repo) / "README").read_text() == DEMO_FILES["README"]
+    with pytest.raises(OSError) as exc:
+        os.stat(d.path("cms.cern.ch") / "README")
+    assert exc.value.errno == errno.ENOSPC
+    refused = d.mount_attempts("cms.cern.ch")
+    assert [a["result"] for a in refused] == ["refused"]
+    assert refused[0]["error"] == "2 repositories are mounted already (max_mounted)"
+    assert "cms.cern.ch" not in d.env.boots()
+    # the mounted ones are untouched; one unmounted makes room again
+    assert (d.path("alice.cern.ch") / "README").exists()
+    assert d.call("umount", name="alice.cern.ch")["ok"]
+    assert (d.path("cms.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count("cms.cern.ch") == 1
+    assert sorted(os.listdir(d.root)) == ["atlas.cern.ch", "cms.cern.ch"]
+
+
+def _state(d: Daemon, repo: str) -> str:
+    entries = d.call("list", names=[repo], details=False)["result"]["repositories"]
+    return str(entries[0]["state"])
+
+
+def test_reconcile_notices_an_unmount_by_someone_else(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """`umount -l` by an admin while a file is open: the backend keeps serving the detached
+    mount, so no process exit announces it; the periodic reconcile notices, and the next access
+    mounts the repository again."""
+    d = start_daemon(reconcile_interval=0.2, expire_timeout=0)
+    repo, path = "alice.cern.ch", d.path("alice.cern.ch")
+    with open(path / "README") as held:
+        pid = serving_pid(d, repo)
+        kernel.umount(path, kernel.MNT_DETACH)  # this test's own daemon's mount
+        d.wait_for("the reconcile", lambda: [e for e in d.events("unmounted_externally")
+                                             if e["repo"] == repo])
+        assert not exited(pid)  # still serving the open file: nothing else could have told
+        assert held.read() == DEMO_FILES["README"]
+        assert _state(d, repo) == "idle" and repo not in os.listdir(d.root)
+    # The detached mount is gone with its last user, and so is its backend.
+    d.wait_for("the old backend to exit", lambda: exited(pid))
+    reap([pid])
+    assert (path / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count(repo) == 2 and serving_pid(d, repo) != pid
+
+
+@contextlib.contextmanager
+def fuse_connections(private: Path) -> Iterator[Path]:
+    """/sys/fs/fuse/connections, or where the machine has no fusectl mounted there, a fusectl
+    mount of this test's own (same connections), unmounted afterwards."""
+    system = Path("/sys/fs/fuse/connections")
+    if system.is_dir() and any(system.iterdir()):
+        yield system
+        return
+    private.mkdir()
+    kernel.mount("fusectl", private, "fusectl", 0)
+    try:
+        yield private
+    finally:
+        kernel.umount(private)
+
+
+def test_an_aborted_connection_is_healed(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The FUSE connection of a mounted repository aborted (echo 1 > .../abort): accesses fail
+    with ENOTCONN until the daemon detaches the dead mount; then it mounts again. The backend
+    (the stand-in, like cvmfs2) exits on the abort, which announces it."""
+    d = start_daemon(reconcile_interval=0.2, expire_timeout=0)
+    repo, path = "atlas.cern.ch", d.path("atlas.cern.ch")
+    assert (path / "README").exists()
+    pid = serving_pid(d, repo)
+    with fuse_connections(d.env.tmp / "fusectl") as connections:
+        abort(connections, d, path)
+    d.wait_for("the heal", lambda: [e for e in d.events("healed") if e["repo"] == repo])
+    healed, = [e for e in d.events("healed") if e["repo"] == repo]
+    assert healed["reason"].startswith(f"serving process {pid} exited")
+    reap([pid])
+    assert (path / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count(repo) == 2 and serving_pid(d, repo) != pid
+
+
+def abort(connections: Path, d: Daemon, path: Path) -> None:
+    """Abort the FUSE connection of a repository mount this test's daemon made (found by the
+    mount's own device number), and nothing else."""
+    dev = os.stat(path).st_dev
+    assert dev != os.stat(d.root).st_dev and str(path) in mounts_under(d.root)
+    (connections / str(os.minor(dev)) / "abort").write_text("1")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the reconcile's probe (cvmfsd/probe.py) uses stat(), which the kernel answers from its "
+    "attribute cache (CVMFS_KCACHE_TIMEOUT) without asking the dead connection; statvfs() "
+    "always reaches it. Reported; remove this mark when fixed."))
+def test_reconcile_finds_an_aborted_connection_no_exit_announced(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A backend that does not exit on the abort (stopped with SIGSTOP here): no process exit
+    announces the dead mount, so only the periodic reconcile can find it."""
+    d = start_daemon(reconcile_interval=0.2, expire_timeout=0)
+    repo, path = "cms.cern.ch", d.path("cms.cern.ch")
+    # Attributes cached for longer than this test may take: a probe that only looks into
+    # the kernel's cache can never see the abort, one that reaches the connection always does.
+    d.env.repo_config(repo, CVMFS_KCACHE_TIMEOUT="3600")
+    assert (path / "README").exists()
+    assert os.stat(path).st_ino  # its attributes are in the kernel's cache from now on
+    pid = serving_pid(d, repo)
+    os.kill(pid, signal.SIGSTOP)  # from here on, nothing may touch the mount before the abort
+    try:
+        with fuse_connections(d.env.tmp / "fusectl") as connections:
+            abort(connections, d, path)
+        with pytest.raises(OSError) as exc:
+            os.statvfs(path)
+        assert exc.value.errno == errno.ENOTCONN  # dead: the kernel itself says so
+        d.wait_for("the reconcile", lambda: [e for e in d.events("healed")
+                                             if e["repo"] == repo], timeout=30)
+        healed, = [e for e in d.events("healed") if e["repo"] == repo]
+        assert not exited(pid)
+        assert healed["reason"] == "mount corrupted (ENOTCONN or backend gone)"
+    finally:
+        os.kill(pid, signal.SIGCONT)  # let it see its dead connection and go
+    d.wait_for("the old backend to exit", lambda: exited(pid))
+    reap([pid])
+    assert (path / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count(repo) == 2
+
+
+def test_attach_wait_bounds_a_request_waiting_for_a_boot(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A request on a name whose boot is still running waits at most attach_wait, then
+    fails (EIO); the boot goes on, and a later access finds the repository mounted."""
+    d = start_daemon(attach_wait=1.0, mount_timeout=60.0, backoff_initial=300.0,
+                     backoff_max=300.0)
+    gate = d.env.tmp / "open-slow"
+    d.env.add_repo("slow.cern.ch")
+    d.env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_GATE=str(gate))
+    started = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        os.stat(d.path("slow.cern.ch") / "README")
+    assert exc.value.errno == errno.EIO
+    assert time.monotonic() - started >= 1.0  # waited (a lower bound only)
+    # It returned while the boot is held at its gate: bounded by attach_wait, not by the boot
+    # (which could only end at mount_timeout).
+    assert d.mount_attempts("slow.cern.ch") == [] and _state(d, "slow.cern.ch") == "booting"
+    gate.touch()
+    d.wait_for("the boot", lambda: d.mount_attempts("slow.cern.ch"))
+    assert (d.path("slow.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count("slow.cern.ch") == 1
