@@ -3,19 +3,23 @@ its counters move with mounts, failures and heals."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Daemon
 from prometheus_client.parser import text_string_to_metric_families
 
+from cvmfsd import __version__, metrics
 from cvmfsd.config import Config
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
@@ -64,6 +68,8 @@ def test_metrics_counters_move(start_daemon) -> None:  # type: ignore[no-untyped
     assert value(m, "cvmfsd_repositories", state="mounted") == 0
     assert value(m, "cvmfsd_root_answers") == 1 and value(m, "cvmfsd_degraded") == 0
     assert value(m, "cvmfsd_start_time_seconds") > 1.7e9
+    assert value(m, "cvmfsd_info", version=__version__, root=str(d.root)) == 1
+    assert value(m, "cvmfsd_fuse_internal_errors_total") == 0
 
     # a mount: counters, per-repository series and the latency histogram
     assert (d.path("alice.cern.ch") / "README").exists()
@@ -140,3 +146,99 @@ def test_metrics_port_in_use_degrades_not_fails(start_daemon) -> None:  # type: 
             status = json.loads(s.recv(1 << 20))["result"]
         assert status["degraded"] is True
         assert any("metrics endpoint unavailable" in p for p in status["problems"])
+
+
+def test_per_repository_series_are_capped_busy_ones_first(start_daemon, env) -> None:  # type: ignore[no-untyped-def]
+    """1,003 repositories known: 1,001 failed ones (a scan of made-up names), one mounted
+    that sorts last by name, one idle that sorts first. The per-repository series stop at
+    1,000 and keep the mounted one; the counts by state are not capped."""
+    # cvmfs2 for the made-up names: fails at once, like a repository that does not exist
+    fast = env.tmp / "cvmfs2-fast-fail"
+    fast.write_text('#!/bin/sh\ncase "$3" in a[0-9]*.cern.ch)\n'
+                    '  echo "Failed to initialize root file catalog (16 - file catalog '
+                    'failure)" >&2; exit 16;;\nesac\n'
+                    f'exec {env.cvmfs2} "$@"\n')
+    fast.chmod(0o755)
+    env.add_repo("zeta.cern.ch")
+    env.add_repo("a.cern.ch")  # sorts before all the others
+    d = start_daemon(metrics_listen="0", cvmfs2=str(fast), backoff_initial=300.0,
+                     backoff_max=300.0, max_mounted=0, expire_timeout=0)
+    port = port_of(d)
+    assert (d.path("zeta.cern.ch") / "README").exists()
+    assert (d.path("a.cern.ch") / "README").exists()
+    assert d.call("umount", name="a.cern.ch")["ok"]  # known, idle
+    names = [f"a{i:04d}.cern.ch" for i in range(1001)]
+
+    def look(chunk: list[str]) -> None:
+        for name in chunk:
+            with pytest.raises(FileNotFoundError):
+                os.stat(d.path(name))
+
+    threads = [threading.Thread(target=look, args=(names[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert len(d.mount_attempts()) == 1001 + 2
+    m = scrape(port)
+    shown = {dict(labels)["repository"] for labels in m["cvmfsd_repository_state"]}
+    assert len(shown) == metrics.MAX_REPOSITORY_SERIES == 1000
+    assert "zeta.cern.ch" in shown  # mounted: kept, though its name sorts last
+    assert "a.cern.ch" not in shown  # idle ones are dropped first, though it sorts first
+    assert value(m, "cvmfsd_repository_series_dropped") == 3
+    assert len(m["cvmfsd_repository_boots_total"]) == 1000
+    assert value(m, "cvmfsd_repositories", state="failed") == 1001
+    assert value(m, "cvmfsd_repositories", state="mounted") == 1
+    assert value(m, "cvmfsd_repositories", state="idle") == 1
+
+
+def test_info_and_internal_errors_series(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """cvmfsd_info names the version and root; an unexpected exception in a FUSE handler
+    (answered EIO) counts in cvmfsd_fuse_internal_errors_total and degrades the daemon. The
+    handler is called directly with an argument no kernel would send: the one way to make it
+    raise something unexpected without a bug to find."""
+    import pyfuse3
+    import trio
+    from prometheus_client.exposition import generate_latest
+
+    from cvmfsd.admin import Admin
+    from cvmfsd.children import Children
+    from cvmfsd.fs import RootOperations
+    from cvmfsd.mounter import Mounter
+    from cvmfsd.notify import Notifier
+    from cvmfsd.registry import ROOT_INODE, Registry
+    from cvmfsd.upkeep import Upkeep
+
+    cfg = Config(root=tmp_path / "root", run_dir=tmp_path / "run", cvmfs2=Path("/bin/false"),
+                 snapshot_dir=tmp_path / "snapshots")
+    registry = Registry(cfg.backoff_initial, cfg.backoff_max)
+    mounter = Mounter(cfg, registry, Children())
+    ops = RootOperations(cfg, registry, mounter)
+    admin = Admin(cfg, registry, mounter, ops, Upkeep(cfg, registry, mounter),
+                  notifier=Notifier(None))
+    prom = metrics.build(admin)
+
+    def samples() -> Samples:
+        out: Samples = {}
+        for family in text_string_to_metric_families(generate_latest(prom).decode()):
+            for sample in family.samples:
+                out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = (
+                    sample.value)
+        return out
+
+    m = samples()
+    assert value(m, "cvmfsd_info", version=__version__, root=str(cfg.root)) == 1
+    assert value(m, "cvmfsd_fuse_internal_errors_total") == 0
+    assert value(m, "cvmfsd_degraded") == 0
+
+    async def broken_request() -> None:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.lookup(ROOT_INODE, "not bytes", None)  # type: ignore[arg-type]
+        assert exc.value.errno == errno.EIO
+
+    trio.run(broken_request)
+    m = samples()
+    assert value(m, "cvmfsd_fuse_internal_errors_total") == 1
+    assert value(m, "cvmfsd_degraded") == 1
+    assert admin.status()["fuse_internal_errors"] == 1
+    assert "1 unexpected errors in FUSE handlers (see the log)" in admin.status()["problems"]
