@@ -174,3 +174,40 @@ def test_restart_in_place(start_daemon) -> None:  # type: ignore[no-untyped-def]
     assert alice["state"] == "mounted" and alice["serving_pid"] == pid  # taken over
     assert (d.path("alice.cern.ch") / "README").exists()
     assert d.env.boots().count("alice.cern.ch") == 1
+
+
+def test_list_no_details(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """--no-details: what the registry knows, without asking the mounts (revision, proxy,
+    cache stay unknown); the default asks them."""
+    d = start_daemon()
+    assert (d.path("alice.cern.ch") / "README").exists()
+    pid = int(os.getxattr(d.path("alice.cern.ch"), "user.pid"))
+    full, = as_json(cvmfsctl(d, "--json", "list"))["repositories"]
+    assert full["details_known"] is True and full["revision"] == 1
+    assert full["proxy"] == "DIRECT" and full["cache_used_bytes"] is not None
+    out = cvmfsctl(d, "--json", "list", "--no-details")
+    assert out.returncode == 0
+    bare, = as_json(out)["repositories"]
+    assert bare["details_known"] is False
+    assert bare["revision"] is None and bare["proxy"] is None
+    assert bare["cache_used_bytes"] is None
+    assert bare["state"] == "mounted" and bare["serving_pid"] == pid
+    # the table: the revision column shows what is known
+    row, = [line.split() for line in cvmfsctl(d, "list").stdout.splitlines()
+            if "alice.cern.ch" in line]
+    bare_row, = [line.split() for line in cvmfsctl(d, "list", "--no-details").stdout
+                 .splitlines() if "alice.cern.ch" in line]
+    assert row[4] == "1" and bare_row[4] == "-"
+    assert row[:4] == bare_row[:4] == ["●", "alice.cern.ch", "mounted", str(pid)]
+
+
+def test_restart_that_does_not_come_back_exits_1(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The re-executed daemon reads its configuration again; made invalid meanwhile, the new
+    instance refuses to start (exit 2), and cvmfsctl restart says so with exit 1."""
+    d = start_daemon()
+    (d.env.tmp / "cvmfsd-0.toml").write_text(toml_config(d.env, mount_timeout=-1))
+    out = cvmfsctl(d, "restart", "--timeout", "10")
+    assert out.returncode == 1
+    assert "cvmfsd did not come back within 10 s" in out.stderr
+    assert d.proc.wait(timeout=60) == 2
+    assert "mount_timeout must be > 0" in d.log_path.read_text()

@@ -134,3 +134,25 @@ def test_pinned_instance_expires_heals_and_survives_restart(versioned: Env, star
         assert time.monotonic() < deadline
         time.sleep(0.05)
     reap([pid, healed_pid])
+
+
+def test_root_hashes_with_an_algorithm_suffix(versioned: Env, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """cvmfs appends the algorithm to root hashes that are not SHA-1 (-rmd160, -shake128):
+    such a hash names a snapshot like a plain one; any other suffix is not a hash."""
+    hash1, hash2 = root_hash(versioned.server, REPO, 1), root_hash(versioned.server, REPO, 2)
+    revisions = versioned.server / REPO / "revisions"
+    (revisions / "1.root_hash").write_text(f"{hash1}-rmd160\n")
+    (revisions / "2.root_hash").write_text(f"{hash2}-shake128\n")
+    d = start_daemon(backoff_initial=300.0, backoff_max=300.0)
+    assert (snap(d, f"hash={hash1}-rmd160") / "VERSION").read_text() == "release 1\n"
+    assert (snap(d, f"hash={hash2}-shake128") / "VERSION").read_text() == "release 2\n"
+    assert os.getxattr(snap(d, f"hash={hash1}-rmd160"), "user.root_hash").decode() == (
+        f"{hash1}-rmd160")
+    pins = sorted(p.read_text().splitlines()[0] for p in d.env.tmp.glob("snapshots/*/pin.conf"))
+    assert pins == [f"CVMFS_ROOT_HASH={hash1}-rmd160", f"CVMFS_ROOT_HASH={hash2}-shake128"]
+    for bad in (f"{hash1}-md5", f"{hash1}-RMD160", f"{hash1}-rmd160-rmd160", f"{hash1}rmd160",
+                f"{hash1[:-1]}-rmd160", f"{hash1}-", f"{hash1}-sha1"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(snap(d, f"hash={bad}"))
+    assert versioned.boots().count(REPO) == 2  # the bad ones started nothing
+    assert len(d.mount_attempts()) == 2
