@@ -190,6 +190,11 @@ def toml_config(env: Env, **overrides: Any) -> str:
         "snapshot_dir": str(env.tmp / "snapshots"),
         "cvmfs2": str(env.cvmfs2), "cvmfs2_config": [str(env.client_config)],
         "log_format": "json", "mount_timeout": 20.0,
+        # The limits the tests are written against, explicit: defaults may change.
+        "max_concurrent_boots": 8, "max_mounted": 1000, "backoff_initial": 2.0,
+        "backoff_max": 300.0, "restart_burst": 10, "restart_window": 60.0,
+        "expire_timeout": 300.0, "expire_min_age": 10.0, "reconcile_interval": 10.0,
+        "attach_wait": 0.0, "fuse_max_tasks": 512,
     }
     values.update(overrides)
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO_ROOT, Daemon, toml_config
 
 from cvmfsd import ctl
@@ -28,7 +29,7 @@ def as_json(out: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_status_output_and_exit_codes(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(backoff_initial=30.0)
+    d = start_daemon(backoff_initial=300.0, backoff_max=300.0)
     out = cvmfsctl(d, "status")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -148,7 +149,11 @@ def test_socket_found_from_config(tmp_path: Path, monkeypatch) -> None:  # type:
     monkeypatch.setenv("CVMFSCTL_SOCKET", "/env.sock")
     assert ctl.socket_path(None, cfg) == Path("/env.sock")
     monkeypatch.delenv("CVMFSCTL_SOCKET")
-    assert ctl.socket_path(None, tmp_path / "missing.toml") == ctl.DEFAULT_SOCKET
+    cfg.write_text('root = "/cvmfs"\n')  # neither key: the default socket
+    assert ctl.socket_path(None, cfg) == ctl.DEFAULT_SOCKET
+    # a file named with -c must exist (tests/test_config.py: and parse, with the right types)
+    with pytest.raises(ctl.CtlError, match="does not exist"):
+        ctl.socket_path(None, tmp_path / "missing.toml")
 
 
 def test_span() -> None:

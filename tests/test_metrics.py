@@ -60,7 +60,8 @@ def test_metrics_off_by_default_and_loopback() -> None:
 
 
 def test_metrics_counters_move(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(metrics_listen="0", backoff_initial=30.0)  # port 0: the kernel picks
+    # port 0: the kernel picks
+    d = start_daemon(metrics_listen="0", backoff_initial=300.0, backoff_max=300.0)
     port = port_of(d)
     m = scrape(port)
     assert value(m, "cvmfsd_mounts_total") == 0

@@ -123,7 +123,8 @@ def run_ops(fn: Any, **cfg: Any) -> Any:
     run_dir = Path(tempfile.mkdtemp(prefix="cvmfsd-units-"))
 
     async def main() -> Any:
-        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, run_dir=run_dir,
+        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, backoff_max=300.0,
+                        run_dir=run_dir,
                         snapshot_dir=run_dir / "snapshots", **cfg)
         config.staging_dir.mkdir()
         registry = Registry(config.backoff_initial, config.backoff_max)
