@@ -467,8 +467,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="status socket (default: from the daemon's configuration "
                                     f"file, else {DEFAULT_SOCKET}; or $CVMFSCTL_SOCKET)")
     p.add_argument("-c", "--config", type=Path,
-                   help=f"the daemon's configuration file, to find the socket "
-                        f"(default {DEFAULT_CONFIG})")
+                   help=f"the daemon's configuration file, to find the socket (default "
+                        f"{DEFAULT_CONFIG}, which alone may be missing)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="colour the output (default: on a terminal, unless $NO_COLOR)")

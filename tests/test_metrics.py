@@ -147,6 +147,10 @@ def test_metrics_port_in_use_degrades_not_fails(start_daemon) -> None:  # type: 
             status = json.loads(s.recv(1 << 20))["result"]
         assert status["degraded"] is True
         assert any("metrics endpoint unavailable" in p for p in status["problems"])
+    # the port is free again: the endpoint comes up at the next retry, the daemon is healthy
+    d.wait_for("the metrics endpoint", lambda: d.events("service_available"))
+    assert value(scrape(port), "cvmfsd_degraded") == 0
+    assert d.call("status")["result"]["degraded"] is False
 
 
 def test_per_repository_series_are_capped_busy_ones_first(start_daemon, env) -> None:  # type: ignore[no-untyped-def]
