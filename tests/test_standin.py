@@ -615,7 +615,7 @@ def test_external_umount_ends_the_daemon(rig: Rig) -> None:
     m = rig.mount()
     assert (m.mountpoint / "README").exists()
     umount(m.mountpoint)
-    status = wait_exit(m.pid, 5)
+    status = wait_exit(m.pid, 30)
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
 
 
@@ -632,7 +632,7 @@ def test_crash_after_leaves_a_dead_mount(rig: Rig) -> None:
     # The request in flight when the server died fails with ECONNABORTED, later ones ENOTCONN.
     assert seen[-1] == errno.ENOTCONN
     assert set(seen) <= {errno.ECONNABORTED, errno.ENOTCONN}
-    status = wait_exit(m.pid, 5)
+    status = wait_exit(m.pid, 30)
     assert status is not None and os.WIFSIGNALED(status)
     assert os.WTERMSIG(status) == signal.SIGABRT
     # The kernel mount stays behind, dead; whoever supervises must detach it.
@@ -680,7 +680,7 @@ def test_premounted_file_descriptor(rig: Rig) -> None:
     assert os.getxattr(mp, "user.fqrn").decode() == FQRN
     # The parent owns the unmount; the server then ends by itself.
     umount(mp)
-    status = wait_exit(pid, 5)
+    status = wait_exit(pid, 30)
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
 
 
