@@ -64,7 +64,10 @@ def test_a_field_without_a_table_entry_is_refused() -> None:
 
 
 def _other_value(key: config.Key) -> tuple[list[str], Any]:
-    """Command-line words for a value different from the default, and the value expected."""
+    """Command-line words for a value different from the default, and the value expected
+    (for a bool key: the flag itself, --x or --no-x)."""
+    if key.kind == "bool":
+        return [], not key.default
     if key.choices:
         choice = next(c for c in key.choices if c != key.default)
         return [choice], choice
@@ -86,6 +89,8 @@ def test_every_key_has_a_flag(position: str) -> None:
     for key in config.KEYS:
         words, expected = _other_value(key)
         argv = [w for word in words for w in (key.flag, word)]
+        if key.kind == "bool":
+            argv = ["--no-" + key.flag[2:] if key.default else key.flag]
         args = p.parse_args(["run", *argv] if position == "after" else [*argv, "check-config"])
         assert config.coerce(cli._overrides(args)) == {key.name: expected}, key.name
     # an empty value clears a list: the flag can take back what the file lists
