@@ -56,6 +56,7 @@ class Config:
         "(`-o config=a:b`)",
         doc="The node's hierarchy is default.conf, default.d, default.local, domain.d, "
             "config.d and the config repository.")
+    # Exempt from the boot limit: a boot that reads it must not queue behind itself.
     config_repository: str = key(
         "cvmfs-config.cern.ch", "the config repository cvmfs2 reads under the root while "
         "booting others: booted outside the boot limit, always allowed (deny still wins); "
@@ -85,6 +86,8 @@ class Config:
                              "restart_window is backed off instead of healed", restart=True)
     restart_window: float = key(60.0, "seconds over which backend deaths are counted",
                                 restart=True)
+    # DESIGN.md §5: a FUSE request the daemon has read is unkillable for the caller, so every
+    # wait in a handler is bounded.
     attach_wait: float = key(0.0, "seconds a request waits for an attach; 0 = mount_timeout "
                              "+ 5")
     expire_timeout: float = key(
@@ -92,12 +95,17 @@ class Config:
         "never", section="Idle expiry and upkeep",
         doc="Only umount2(path, 0): a busy repository (an open file, a working directory, "
             "also in a pod) stays mounted.")
+    # The VFS retries ESTALE only once: a walk that raced an expiry must find the name
+    # mounted again, not expired a second time.
     expire_min_age: float = key(10.0, "a mount younger than this many seconds is never "
                                 "expired (>= 0.2)")
+    # A dying backend is noticed at once through its pidfd; this is the backstop.
     reconcile_interval: float = key(
         10.0, "seconds between checks of every mount against mountinfo (a backstop for an "
         "external unmount or an aborted connection)")
+    # Requests waiting for an attach hold one task each.
     fuse_max_tasks: int = key(512, "concurrent FUSE requests (>= 8)", restart=True)
+    # SIGUSR2 always hands over, to a re-executed cvmfsd (an upgrade in place).
     stop_mode: str = key(
         "unmount", "what SIGTERM does: unmount everything, or hand the mounts over to the "
         "next cvmfsd", restart=True, choices=("unmount", "handover"),
