@@ -51,18 +51,17 @@ def socket_path(explicit: str | None, config: Path | None) -> Path:
     """--socket, then $CVMFSCTL_SOCKET, then the daemon's configuration file (control_socket or
     run_dir), then the default.
 
-    Only the default file may be missing. A file that is read must parse and hold values of
-    the right types (CtlError otherwise, naming the file and the key): a wrong guess would send
-    the request to the default socket and report that cvmfsd is not running."""
+    Only the default file may be missing, as for cvmfsd itself (the unit's ExecReload names it
+    with -c, and a node may run on the defaults). Any other file must exist, and a file that is
+    read must parse and hold values of the right types (CtlError otherwise, naming the file and
+    the key): a wrong guess would send the request to the default socket and report that
+    cvmfsd is not running."""
     if explicit:
         return Path(explicit)
     if os.environ.get("CVMFSCTL_SOCKET"):
         return Path(os.environ["CVMFSCTL_SOCKET"])
     from . import config as config_mod
 
-    if config is not None and not config.exists():
-        raise CtlError(f"configuration file {config} does not exist",
-                       {"code": "bad_config", "message": f"{config} does not exist"})
     path = config or DEFAULT_CONFIG
     try:
         values = config_mod.coerce(config_mod.read_file(path)[0])

@@ -279,3 +279,13 @@ def test_cvmfsctl_never_ignores_a_bad_config_file(tmp_path: Path, content: str |
     assert out.returncode == 1
     assert message in out.stderr and str(path) in out.stderr
     assert "is cvmfsd running" not in out.stderr  # no silent fall-back to the default socket
+
+
+@pytest.mark.skipif(config.DEFAULT_CONFIG_PATH.exists(),
+                    reason="this machine has a /etc/cvmfsd/cvmfsd.toml")
+def test_cvmfsctl_default_file_may_be_missing_even_when_named(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The unit's ExecReload is `cvmfsctl --config /etc/cvmfsd/cvmfsd.toml reload`: on a node
+    that runs on the defaults, that file does not exist, and cvmfsd itself accepts that."""
+    monkeypatch.delenv("CVMFSCTL_SOCKET", raising=False)
+    assert ctl.socket_path(None, config.DEFAULT_CONFIG_PATH) == ctl.DEFAULT_SOCKET
+    assert ctl.socket_path(None, None) == ctl.DEFAULT_SOCKET
