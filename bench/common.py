@@ -22,10 +22,13 @@ WORKER = Path(__file__).resolve().parent / "worker.py"
 PY = sys.executable
 MNT_DETACH = 2
 
-# The cvmfs2 stand-in lives with the tests; the harness drives the same backend they use.
-if str(REPO_ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
+# The cvmfs2 stand-in lives with the tests; the harness drives the same backend they use. So
+# does the real tier's repository maker (tests/real/realrepo.py), for runs on the real client.
+for _path in (REPO_ROOT / "tests", REPO_ROOT / "tests" / "real"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 kit = importlib.import_module("standin.kit")
+realrepo = importlib.import_module("realrepo")
 
 
 class Unavailable(RuntimeError):

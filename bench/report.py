@@ -74,7 +74,9 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
         met = {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]
         lines.append(f"| {t['target']} | {met} | {t['figure']} |")
     ref = r.get("reference", {})
-    lines += ["", "Reference figures from the issue (real cvmfs2 2.12, not measured here): "
+    measured_on = ("measured on another machine, for comparison"
+                   if r.get("backend", {}).get("kind") == "real" else "not measured here")
+    lines += ["", f"Reference figures from the issue (real cvmfs2 2.12, {measured_on}): "
               + ", ".join(f"{k.replace('_', ' ')} {val}" for k, val in ref.items()) + ".", ""]
     for name, fn in (("cold", _md_cold), ("metadata", _md_meta), ("reads", _md_reads),
                      ("storm", _md_storm), ("footprint", _md_footprint), ("csi", _md_csi)):

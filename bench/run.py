@@ -30,6 +30,7 @@ from .common import (
     Progress,
     Unavailable,
     mounts_under,
+    realrepo,
     reap_adopted,
     set_child_subreaper,
     umount_below,
@@ -37,7 +38,7 @@ from .common import (
 from .scenarios import ORDER, QUICK, Context, Sizes
 from .systems import NAMES, Autofs
 from .systems.autofs import automount_version
-from .workspace import Workspace
+from .workspace import Real, Workspace
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 
@@ -63,7 +64,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cvmfsd-rev", metavar="REV", default=None,
                    help="measure cvmfsd and the CSI plugin as committed in this git revision "
                    "(exported with git archive) instead of the working tree")
-    return p.parse_args(argv)
+    real = p.add_argument_group(
+        "real client", "by default every system runs the cvmfs2 stand-in (tests/standin)")
+    real.add_argument("--real", action="store_true",
+                      help="the real cvmfs2 (--cvmfs2, default /usr/bin/cvmfs2) on repositories "
+                      "the harness makes with cvmfs_swissknife under the work directory and "
+                      "serves on 127.0.0.1")
+    real.add_argument("--cvmfs2", type=Path, metavar="PATH",
+                      help="the real cvmfs2 binary; with --repos, or alone as --real")
+    real.add_argument("--repos", nargs="+", metavar="FQRN", default=[],
+                      help="existing repositories to use instead (each is mounted cold once "
+                      "per system; scenarios that need content the harness made are skipped)")
+    real.add_argument("--cvmfs2-config", type=Path, nargs="+", metavar="FILE", default=[],
+                      help="with --repos: the client configuration that reaches them (passed as "
+                      "-o config=, no /etc/cvmfs defaults; each system adds its own cache base)")
+    real.add_argument("--cold-file", default="", metavar="REL",
+                      help="with --repos: a path that exists in each of them, for the first "
+                      "accesses")
+    args = p.parse_args(argv)
+    if args.repos and not (args.cvmfs2_config and args.cold_file):
+        p.error("--repos needs --cvmfs2-config and --cold-file")
+    if (args.cvmfs2_config or args.cold_file) and not args.repos:
+        p.error("--cvmfs2-config and --cold-file go with --repos")
+    if args.real and args.repos:
+        p.error("--real makes its own repositories; --repos uses existing ones: one of them")
+    if args.cvmfs2 and not (args.real or args.repos):
+        args.real = True
+    return args
+
+
+def real_backend(args: argparse.Namespace, base: Path, progress: Progress) -> Real | None:
+    """The real client's setting, or None for the stand-in. With --real: the loopback server is
+    started here (stopped by the caller) and every repository is signed by one key pair."""
+    if not (args.real or args.repos):
+        return None
+    cvmfs2 = (args.cvmfs2 or realrepo.CVMFS2).resolve()
+    if not os.access(cvmfs2, os.X_OK):
+        raise SystemExit(f"bench: {cvmfs2} is not an executable cvmfs2")
+    if args.repos:
+        return Real(cvmfs2, configs=tuple(c.resolve() for c in args.cvmfs2_config),
+                    repos=tuple(args.repos), cold_file=args.cold_file)
+    why = realrepo.missing_tools()
+    if why:
+        raise SystemExit(f"bench: --real: {why}")
+    server = realrepo.RepoServer(base / "repos" / "storage").start()
+    try:
+        progress.say(f"repositories made with cvmfs_swissknife, served at {server.url}")
+        keys = realrepo.Keys.generate(base / "repos" / "keys", "bench", "cvmfsd bench")
+        public = base / "repos" / "public-keys"
+        public.mkdir()
+        shutil.copyfile(keys.pub, public / "bench.pub")
+    except BaseException:
+        server.stop()
+        raise
+    # The client reads CVMFS_KEYS_DIR: the public key only, in a directory of its own.
+    return Real(cvmfs2, server=server, keys=keys, keys_dir=public)
 
 
 def _cmd(*argv: str) -> str:
@@ -112,9 +167,6 @@ def export(rev: str, dest: Path) -> str:
 
 
 def versions(ws: Workspace, commit: str | None) -> dict[str, Any]:
-    probe = ws.backend("versions")
-    standin = _cmd(str(probe.cvmfs2), "--version")
-    shutil.rmtree(probe.dir, ignore_errors=True)
     cvmfsd_version = _cmd(sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                           "import cvmfsd; print(cvmfsd.__version__)", str(ws.src))
     return {
@@ -126,7 +178,7 @@ def versions(ws: Workspace, commit: str | None) -> dict[str, Any]:
                                     "matplotlib")},
         "libfuse": _cmd("fusermount3", "-V"),
         "automount": automount_version(),
-        "backend": f"cvmfs2 stand-in (tests/standin), reports: {standin}",
+        "backend": ws.backend_description(),
         "git_commit": commit or _cmd("git", "rev-parse", "HEAD"),
         # Uncommitted changes in what was measured (with --cvmfsd-rev: only bench and the
         # stand-in come from the working tree).
@@ -151,6 +203,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("bench: needs root and /dev/fuse (it mounts FUSE filesystems)", file=sys.stderr)
         return 2
@@ -169,7 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     started_at = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="cvmfsd-bench-", dir=args.workdir))
-    ws = Workspace(base, quick=args.quick)
+    # Reachable by the cvmfs user, which a real cvmfs2 may drop to (mkdtemp makes it 0700).
+    base.chmod(0o755)
+    try:
+        real = real_backend(args, base, progress)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    try:
+        return _run(args, sizes, selected, progress, started_at, t0, base, real)
+    finally:
+        if real is not None and real.server is not None:
+            real.server.stop()  # by its pid; after every system stopped using it
+
+
+def _run(args: argparse.Namespace, sizes: Sizes, selected: list[str], progress: Progress,
+         started_at: dt.datetime, t0: float, base: Path, real: Real | None) -> int:
+    ws = Workspace(base, quick=args.quick, real=real)
     commit = None
     if args.cvmfsd_rev:
         try:
@@ -190,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "schema": 1,
         "command": shlex.join(["python", "-m", "bench.run",
-                               *(sys.argv[1:] if argv is None else argv)]),
+                               *args.argv]),
         "started": started_at.isoformat(timespec="seconds"),
         "quick": args.quick,
         "machine": machine(),
         "versions": versions(ws, commit),
         "sizes": {k: getattr(sizes, k) for k in vars(sizes)},
         "systems": {"compared": list(names), "unavailable": unavailable},
+        # Which cvmfs2 every system ran: "standin", or "real" with the binary and repositories.
+        "backend": _backend_record(ws),
         "scenarios": {},
     }
     interrupted = False
@@ -252,11 +323,27 @@ def main(argv: list[str] | None = None) -> int:
         progress.say(f"wrote {path}")
     if interrupted:
         return 130
-    failed = [s for s, r in results["scenarios"].items() if r.get("status") != "ok"]
+    # A scenario skipped with its reason (e.g. given repositories of unknown content) is not
+    # a failure; one that broke is.
+    failed = [s for s, r in results["scenarios"].items()
+              if r.get("status") not in ("ok", "skipped")]
     if failed or leaked:
         progress.say(f"not clean: failed {failed}, leaked mounts {leaked}")
         return 1
     return 0
+
+
+def _backend_record(ws: Workspace) -> dict[str, Any]:
+    if ws.real is None:
+        return {"kind": "standin", "cvmfs2": "tests/standin/cvmfs2.py"}
+    record: dict[str, Any] = {"kind": "real", "cvmfs2": str(ws.real.cvmfs2),
+                              "version": realrepo.client_version(ws.real.cvmfs2)}
+    if ws.real.given:
+        record.update(repositories="given", repos=list(ws.real.repos),
+                      configs=[str(c) for c in ws.real.configs], cold_file=ws.real.cold_file)
+    else:
+        record.update(repositories="made by the harness (cvmfs_swissknife), served on loopback")
+    return record
 
 
 def _system_details(ws: Workspace, names: tuple[str, ...]) -> dict[str, Any]:

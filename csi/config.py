@@ -39,6 +39,9 @@ class PluginConfig:
     mount_api: str = "auto"
     workers: int = 16
     grace: float = 5.0
+    # Target paths accepted besides kubelet's CSI target shape: only for conformance runs
+    # (csi-sanity publishes to <mountdir>/target); kubelet never needs one.
+    extra_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problem = driver_name_problem(self.driver_name)
@@ -54,6 +57,11 @@ class PluginConfig:
             if not path.startswith("/") or os.path.normpath(path) != path or path == "/":
                 raise ValueError(
                     f"{what} must be a normalised absolute path other than /: {path!r}"
+                )
+        for path in self.extra_targets:
+            if os.path.normpath(path) != path or not path.startswith(self.kubelet_dir + "/"):
+                raise ValueError(
+                    f"--sanity-target must be a normalised path below {self.kubelet_dir}: {path!r}"
                 )
 
     @property

@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds for a repository lookup (the daemon mounts it) in per-repository volumes",
     )
+    p.add_argument(
+        "--sanity-target",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also accept exactly this target path (below --kubelet-dir) besides kubelet's "
+        "pods/<uid>/volumes/kubernetes.io~csi/<volume>/mount: for csi-sanity, which publishes "
+        "to <mountdir>/target. Never needed with kubelet",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             probe_timeout=args.probe_timeout,
             repository_timeout=args.repository_timeout,
             mount_api=args.mount_api,
+            extra_targets=tuple(args.sanity_target),
         )
         return serve(config)
     except (ValueError, RuntimeError) as e:

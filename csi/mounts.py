@@ -356,28 +356,36 @@ def bind_identity(table: MountTable, fd: int, path: str) -> tuple[str, str]:
     return (entry.dev, root or "/")
 
 
-def read_only_attrs(noexec: bool) -> int:
-    attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-    return attrs | (MOUNT_ATTR_NOEXEC if noexec else 0)
+READ_ONLY_ATTRS = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+READ_ONLY_OPTIONS = frozenset({"ro", "nosuid", "nodev"})
 
 
-def bind_read_only(
-    src_fd: int, parent_fd: int, name: str, *, noexec: bool = False, legacy: bool = False
-) -> None:
-    """Recursive read-only, nosuid, nodev bind of src_fd onto parent_fd/name, with slave
-    propagation.
+def is_own_bind(entry: MountEntry) -> bool:
+    """A mount this driver makes at a target: a bind of the cvmfsd root, or of a cvmfs2 mount (a
+    repository or pinned snapshot below the root). Anything else at a target is someone else's and
+    is never unmounted or remounted by the plugin. (Read-only is what the plugin makes of it, not
+    how it is recognised: a re-publish repairs one that lost its flags.)"""
+    return is_daemon_root(entry) or entry.source == "cvmfs2"
+
+
+def bind_read_only(src_fd: int, parent_fd: int, name: str, *, legacy: bool = False) -> None:
+    """Recursive read-only, nosuid, nodev bind of src_fd onto parent_fd/name.
+
+    Propagation of the result: a slave of the source (so repositories the daemon mounts later
+    arrive), and, attached under the shared kubelet directory, shared with its copies there. The
+    sharing is what makes unpublish work when the plugin runs in its own mount namespace: the copy
+    kubelet and the container runtime see in the host namespace is a peer, so every unmount done
+    here reaches it. It is never a peer of the daemon's root (an unmount here would unmount the
+    repository there).
 
     New API: clone the source tree detached (open_tree), make every mount in the clone read-only,
-    nosuid and nodev (mount_setattr, AT_RECURSIVE) *before* it is attached, attach it (move_mount),
-    then
-    make the attached tree a slave (it became shared on attach if the kubelet directory is shared).
-    Copies that propagate to peers of the kubelet directory at attach time are therefore read-only
-    too.
+    nosuid, nodev and a slave (mount_setattr, AT_RECURSIVE) *before* it is attached, then attach it
+    (move_mount). The copies that propagate at attach time carry the same flags.
 
-    Legacy (kernels < 5.12): mount(MS_BIND|MS_REC), then
-    MS_REMOUNT|MS_BIND|MS_RDONLY|MS_NOSUID|MS_NODEV
-    of the top mount, then MS_SLAVE|MS_REC. Only the top mount is remounted: existing submounts keep
-    their own flags (the daemon's repository mounts are read-only already).
+    Legacy (kernels < 5.12): mount(MS_BIND|MS_REC), then MS_REMOUNT|MS_BIND|MS_RDONLY|MS_NOSUID|
+    MS_NODEV of the top mount, then MS_SLAVE|MS_SHARED when the bind joined the root's peer group.
+    Only the top mount is remounted (the daemon's repository mounts are read-only already), and the
+    remount does not reach copies that propagated at attach time.
     """
     target_fd = os.open(name, O_DIR_PATH | os.O_NOFOLLOW, dir_fd=parent_fd)
     try:
@@ -387,43 +395,48 @@ def bind_read_only(
             )
             try:
                 mount_setattr(
-                    tree, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set=read_only_attrs(noexec)
+                    tree,
+                    "",
+                    AT_EMPTY_PATH | AT_RECURSIVE,
+                    attr_set=READ_ONLY_ATTRS,
+                    propagation=MS_SLAVE,
                 )
                 move_mount(
                     tree, "", target_fd, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
                 )
-                mount_setattr(tree, "", AT_EMPTY_PATH | AT_RECURSIVE, propagation=MS_SLAVE)
             finally:
                 os.close(tree)
             return
         mount(fd_path(src_fd), fd_path(target_fd), None, MS_BIND | MS_REC)
     finally:
         os.close(target_fd)
-    finish_read_only(parent_fd, name, noexec=noexec, legacy=True)
+    finish_read_only(parent_fd, name, legacy=True)
 
 
-def finish_read_only(parent_fd: int, name: str, *, noexec: bool, legacy: bool) -> None:
-    """(Re)apply read-only, nosuid, nodev and slave propagation to the mount at parent_fd/name.
+def finish_read_only(parent_fd: int, name: str, *, legacy: bool) -> None:
+    """(Re)apply read-only, nosuid, nodev to the mount at parent_fd/name, and make it a slave of
+    its source if it is still a peer of it (a crash between the steps of a legacy bind).
 
     The fd is opened by a fresh walk of `name`, which crosses into the mount on it, so the flags
-    land
-    on that mount (and never on the kubelet directory's own mount underneath).
+    land on that mount (and never on the kubelet directory's own mount underneath).
     """
     top_fd = os.open(name, O_DIR_PATH | os.O_NOFOLLOW, dir_fd=parent_fd)
     try:
         if fd_mount_id(top_fd) == fd_mount_id(parent_fd):
             raise OSError(errno.EINVAL, "nothing is mounted on the target", name)
+        table = MountTable.read()
+        top = table.by_id(fd_mount_id(top_fd))
+        peer_of_source = top is not None and top.shared and not top.slave
         if legacy:
             flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
-            mount(None, fd_path(top_fd), None, flags | (MS_NOEXEC if noexec else 0))
-            mount(None, fd_path(top_fd), None, MS_SLAVE | MS_REC)
+            mount(None, fd_path(top_fd), None, flags)
+            if peer_of_source:
+                mount(None, fd_path(top_fd), None, MS_SLAVE | MS_REC)
+                mount(None, fd_path(top_fd), None, MS_SHARED)
         else:
-            mount_setattr(
-                top_fd,
-                "",
-                AT_EMPTY_PATH | AT_RECURSIVE,
-                attr_set=read_only_attrs(noexec),
-                propagation=MS_SLAVE,
-            )
+            mount_setattr(top_fd, "", AT_EMPTY_PATH | AT_RECURSIVE, attr_set=READ_ONLY_ATTRS)
+            if peer_of_source:
+                mount_setattr(top_fd, "", AT_EMPTY_PATH | AT_RECURSIVE, propagation=MS_SLAVE)
+                mount_setattr(top_fd, "", AT_EMPTY_PATH, propagation=MS_SHARED)
     finally:
         os.close(top_fd)

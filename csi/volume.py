@@ -30,9 +30,10 @@ EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 SECRET_CONTEXT_KEYS = frozenset({"csi.storage.k8s.io/serviceAccount.tokens"})
 
 READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
-# Flags a CO may ask for: read-only, nosuid and nodev are always applied; noexec is applied on
-# request.
-ALLOWED_MOUNT_FLAGS = frozenset({"ro", "nosuid", "nodev", "noexec"})
+# Flags a CO may ask for: all three are always applied anyway. `noexec` is refused: the kernel
+# cannot put it on the repositories that the daemon mounts after the publish (they arrive by
+# propagation with the daemon's own flags), so it would hold for some repositories and not others.
+ALLOWED_MOUNT_FLAGS = frozenset({"ro", "nosuid", "nodev"})
 MAX_ID_BYTES = 1024  # volume ids from static PVs are free text; bound them anyway
 MAX_NAME_BYTES = 128  # the CSI spec's size limit for string fields
 
@@ -60,15 +61,13 @@ def check_volume_id(volume_id: str) -> None:
         raise invalid("volume_id contains control characters")
 
 
-def capability_problem(
-    cap: csi_pb2.VolumeCapability, *, ephemeral_writer_ok: bool = False
-) -> str | None:
+def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:
     """Why this capability cannot be served, or None when it can.
 
-    Only read-only access modes are served. The one exception is `ephemeral_writer_ok`: kubelet
-    always
-    sends SINGLE_NODE_WRITER for CSI ephemeral inline volumes, so for those the caller accepts that
-    mode when the request is read-only (the mount is read-only either way).
+    Every access mode is served, and always read-only: a claim with a writer mode (ReadWriteOnce,
+    or the SINGLE_NODE_WRITER that kubelet sends for inline volumes and csi-sanity for everything)
+    provisions and publishes, and writes in the pod get EROFS. Only block volumes, a missing or
+    UNKNOWN mode and mount flags other than ro, nosuid, nodev are refused.
     """
     kind = cap.WhichOneof("access_type")
     if kind == "block":
@@ -77,18 +76,22 @@ def capability_problem(
         return "volume_capability.mount is required (access_type is not set)"
     if not cap.HasField("access_mode"):
         return "volume_capability.access_mode is required"
-    mode = cap.access_mode.mode
-    if mode not in READ_ONLY_MODES and not (
-        ephemeral_writer_ok and mode == AccessMode.SINGLE_NODE_WRITER
-    ):
-        return (
-            f"{mode_name(mode)} is not supported: CernVM-FS is read-only "
-            "(use SINGLE_NODE_READER_ONLY or MULTI_NODE_READER_ONLY, i.e. ReadOnlyMany)"
-        )
+    if cap.access_mode.mode == AccessMode.UNKNOWN:
+        return "volume_capability.access_mode.mode is UNKNOWN"
     for flag in cap.mount.mount_flags:
+        if flag == "noexec":
+            return (
+                "mount flag 'noexec' is not supported: repositories that cvmfsd mounts after the "
+                "publish arrive by propagation with cvmfsd's own flags, so noexec could not hold "
+                "for them (every publish is ro, nosuid, nodev)"
+            )
         if flag not in ALLOWED_MOUNT_FLAGS:
             return f"mount flag {flag!r} is not supported (allowed: {sorted(ALLOWED_MOUNT_FLAGS)})"
     return None
+
+
+def is_writer_mode(mode: int) -> bool:
+    return mode not in READ_ONLY_MODES
 
 
 def check_repository(name: str) -> str:

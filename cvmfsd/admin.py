@@ -251,7 +251,7 @@ class Admin:
             "control_socket": str(self.cfg.control_socket_path),
             "config_file": None if self.config_file is None else str(self.config_file),
             "repositories": counts(self.registry),
-            "boots_total": sum(r.boots for r in self.registry),
+            "boots_total": self.registry.boots_total,
             "liveness": self.liveness.as_dict(),
             "systemd": {"notify": self.notifier.enabled,
                         "watchdog_usec": self.notifier.watchdog_usec},
@@ -280,11 +280,11 @@ class Admin:
         try:
             if "@" in name:  # a pinned snapshot, as under <root>/.snapshots/
                 fqrn, pin = parse_snapshot(name, self.cfg.policy)
-                return self.registry.add(name, fqrn, pin)
+                return self.registry.candidate(name, fqrn, pin)
             check(name, self.cfg.policy)
         except InvalidName as exc:
             raise AdminError("invalid_name", f"{name!r}: {exc}") from None
-        return self.registry.add(name)
+        return self.registry.candidate(name)
 
     def _timeout(self, requested: float | None) -> float:
         return requested if requested is not None else self.cfg.mount_timeout + 5.0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -12,24 +12,56 @@ from pathlib import Path
 
 import trio
 
+from . import kernel
 from .children import Children
 from .config import Config
 from .errors import BootFailed, BootTimeout, MountError
 from .names import Pin, check_syntax
 
-# What the system mount helper and the official service container pass (interface §1);
-# libfuse=3 because only the fuse3 library supports the mount-namespace tricks this design needs.
-BASE_OPTIONS = ("fsname=cvmfs2", "system_mount", "allow_other", "grab_mountpoint", "libfuse=3")
+# What the system mount helper passes (interface §1), minus what belongs to a mountpoint of
+# cvmfs2's own: the daemon mounts /dev/fuse itself and hands cvmfs2 the descriptor (pre-mounted
+# mode, §3), so `grab_mountpoint` does not apply. libfuse=3: only the fuse3 library supports
+# /dev/fd/N.
+BASE_OPTIONS = ("fsname=cvmfs2", "system_mount", "allow_other", "libfuse=3")
 TALK_LIMIT = 512
 ETC = Path("/etc/cvmfs")
+# The kernel options of the daemon's own mount call; cvmfs2's options no longer reach the
+# kernel in this mode, so the daemon sets what cvmfs2 would have (read-only, nodev, nosuid).
+MOUNT_FLAGS = kernel.MS_RDONLY | kernel.MS_NODEV | kernel.MS_NOSUID
+MOUNT_DATA = "fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions"
 
 
-def argv(cfg: Config, fqrn: str, mountpoint: Path, pin_config: Path | None = None,
-         etc: Path = ETC) -> list[str]:
+@dataclass(frozen=True)
+class Credentials:
+    """Who cvmfs2 runs as: it talks HTTP to the outside and parses what comes back, so it drops
+    root the way the system mount helper makes it (`uid=`/`gid=` of CVMFS_USER)."""
+
+    user: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, user: str) -> Credentials | None:
+        """None when the user does not exist (cvmfs2 then keeps root)."""
+        import pwd
+
+        if not user:
+            return None
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            return None
+        return cls(user, entry.pw_uid, entry.pw_gid)
+
+
+def argv(cfg: Config, fqrn: str, fuse_fd: int, pin_config: Path | None = None,
+         etc: Path = ETC, credentials: Credentials | None = None) -> list[str]:
     """The exact command line. fqrn must already be validated; this re-checks, since a name that
     reached here unchecked could otherwise become an option ('-o') or split one (',')."""
     check_syntax(fqrn)
     options = list(BASE_OPTIONS)
+    if credentials is not None:
+        options += [f"uid={credentials.uid}", f"gid={credentials.gid}"]
     files = list(cfg.cvmfs2_config)
     if pin_config is not None:
         # `config=` replaces the node's hierarchy, so a pinned instance lists it explicitly.
@@ -38,7 +70,20 @@ def argv(cfg: Config, fqrn: str, mountpoint: Path, pin_config: Path | None = Non
         if any(c in str(f) for f in files for c in ":,"):
             raise ValueError("a cvmfs config path contains ':' or ','")
         options.append("config=" + ":".join(str(p) for p in files))
-    return [str(cfg.cvmfs2), "-o", ",".join(options), fqrn, str(mountpoint)]
+    return [str(cfg.cvmfs2), "-o", ",".join(options), fqrn, f"/dev/fd/{fuse_fd}"]
+
+
+def premount(target: Path) -> tuple[int, tuple[int, int]]:
+    """Open /dev/fuse and mount it at target for cvmfs2 to serve. Returns the descriptor (the
+    daemon keeps it: see fusedev) and the mount's device. Blocking; the mount is visible at
+    once, and requests wait in the kernel until cvmfs2 answers them."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        kernel.mount("cvmfs2", target, "fuse", MOUNT_FLAGS, MOUNT_DATA.format(fd=fd))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, kernel.mount_dev(target)
 
 
 def hierarchy_files(etc: Path, fqrn: str) -> list[Path]:
@@ -53,17 +98,32 @@ def hierarchy_files(etc: Path, fqrn: str) -> list[Path]:
     return [p for p in candidates if p.is_file()]
 
 
-def write_pin_config(cfg: Config, name: str, pin: Pin) -> Path:
+def write_pin_config(cfg: Config, name: str, pin: Pin,
+                     credentials: Credentials | None = None) -> Path:
     """A pinned instance's own parameters: the pin, and a workspace (cache base, reload
     sockets) of its own, since two instances of a repository cannot share one (interface §8).
-    Blocking. Values are validated names and pins: nothing here needs shell quoting."""
-    ident = hashlib.sha1(name.encode()).hexdigest()[:16]  # paths free of ':' and ','
-    base = cfg.snapshot_dir / ident
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cvmfs2 creates neither directory itself, and writes both as the user it runs as. Blocking.
+    Values are validated names and pins: nothing here needs shell quoting."""
+    base = pin_workspace(cfg, name)
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for sub in ("cache", "reload"):
+        (base / sub).mkdir(mode=0o700, exist_ok=True)
+        if credentials is not None:
+            os.chown(base / sub, credentials.uid, credentials.gid)
     path = base / "pin.conf"
     path.write_text(f"{pin.parameter}={pin.value}\nCVMFS_CACHE_BASE={base / 'cache'}\n"
                     f"CVMFS_RELOAD_SOCKETS={base / 'reload'}\n")
     return path
+
+
+def pin_workspace(cfg: Config, name: str) -> Path:
+    # A hash of the name: paths free of ':' and ',' (they end up in `-o config=`).
+    return cfg.snapshot_dir / hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+def remove_pin_workspace(cfg: Config, name: str) -> None:
+    """Blocking. Only ever a directory of the daemon's own under snapshot_dir."""
+    shutil.rmtree(pin_workspace(cfg, name), ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -81,9 +141,11 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path,
-               pin_config: Path | None = None) -> Booted:
-    """Run the cvmfs2 launcher; return once it exited 0, i.e. the kernel mount exists.
+async def boot(cfg: Config, children: Children, fqrn: str, fuse_fd: int,
+               pin_config: Path | None = None,
+               credentials: Credentials | None = None) -> Booted:
+    """Run the cvmfs2 launcher on a pre-mounted descriptor; return once it exited 0, i.e. the
+    root catalog was verified and the serving process reads the connection.
 
     Output goes to anonymous memory files, not pipes: the daemonized grandchild must not be able
     to keep a pipe open and stall us. A boot past mount_timeout is killed with its session.
@@ -93,7 +155,8 @@ async def boot(cfg: Config, children: Children, fqrn: str, mountpoint: Path,
     try:
         started = time.monotonic()
         try:
-            pid = children.spawn(argv(cfg, fqrn, mountpoint, pin_config), stdout=out, stderr=err)
+            pid = children.spawn(argv(cfg, fqrn, fuse_fd, pin_config, credentials=credentials),
+                                 stdout=out, stderr=err, pass_fds=(fuse_fd,))
         except OSError as exc:  # e.g. the client was uninstalled since the daemon started
             raise MountError(f"cannot start {cfg.cvmfs2}: {exc.strerror}") from exc
         try:
@@ -142,17 +205,5 @@ def talk(socket_path: Path, command: str, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode(errors="replace").strip()
 
 
-def cleanup_staging(mountpoint: Path) -> None:
-    """Detach whatever a failed or cancelled boot left at its staging path. Blocking."""
-    from . import kernel
-
-    while kernel.mounts_at(str(mountpoint)):
-        try:
-            kernel.umount(mountpoint, kernel.MNT_DETACH)
-        except OSError:
-            break
-    with contextlib.suppress(OSError):
-        mountpoint.rmdir()
-
-
-__all__ = ["Booted", "MountError", "argv", "boot", "cleanup_staging", "serving_pid", "talk"]
+__all__ = ["Booted", "Credentials", "MountError", "argv", "boot", "premount", "serving_pid",
+           "talk", "write_pin_config"]

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from .signals import IGNORED
+
 log = structlog.get_logger("cvmfsd.children")
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What the daemon ignores (signals.IGNORED, and SIGPIPE/SIGXFSZ as Python does) would stay
+# ignored across exec.
+DEFAULT_IN_CHILD = (*IGNORED, signal.SIGPIPE, signal.SIGXFSZ)
 
 
 @dataclass
@@ -35,18 +40,22 @@ class Children:
         self.recent: dict[int, int] = {}
 
     def spawn(self, argv: list[str], *, stdout: int, stderr: int,
-              env: dict[str, str] | None = None) -> int:
+              env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> int:
         """Start argv in its own session with stdin from /dev/null; cwd is the daemon's ('/').
+        pass_fds are inherited under their own numbers (dup2 onto itself clears CLOEXEC).
 
-        posix_spawn, not subprocess: subprocess reaps behind our back and would race the reaper.
+        posix_spawn, not subprocess: subprocess reaps behind our back and would race the reaper,
+        and posix_spawn does not copy the daemon's page tables the way fork does.
         """
         env = {"PATH": SAFE_PATH, "LC_ALL": "C"} if env is None else env
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, stdout, 1),
             (os.POSIX_SPAWN_DUP2, stderr, 2),
+            *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds),
         ]
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
+                             setsigdef=DEFAULT_IN_CHILD, setsigmask=())
         self._waiting[pid] = _Exit()
         return pid
 

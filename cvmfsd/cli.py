@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import __version__, config as config_mod, log
+from . import __version__, config as config_mod, log, signals
 
 COMMANDS = ("run", "check-config", "demo")
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("cvmfsd").warning("no_config_file", note=loaded.note)
     from .daemon import StartupError, StopMode, run
 
+    signals.install_early()
     try:
         # The reloader re-reads the same file with the same flag overrides (cvmfsctl reload,
         # SIGHUP): flags keep winning over the file, as at start.
@@ -138,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             run, cfg, reloader=lambda: config_mod.load(path, overrides), config_file=path))
     except StartupError as exc:
         print(f"cvmfsd: {exc}", file=sys.stderr)
+        log.flush()
         return 1
+    log.flush()
     if mode is StopMode.REEXEC:
         # Upgrade in place: the same pid (systemd's main pid, the cvmfs2 processes' parent)
         # runs the code now on disk, which takes over the mounts left in place.
         sys.stdout.flush()
-        sys.stderr.flush()
+        log.restore_stderr()
+        signals.block_for_exec()
         os.execv(sys.executable, [sys.executable, "-m", "cvmfsd", *sys.argv[1:]])
     return 0
 

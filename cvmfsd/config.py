@@ -51,6 +51,11 @@ class Config:
                         "(staging/), the hand-over state, the status socket", restart=True)
     cvmfs2: Path = key(Path("/usr/bin/cvmfs2"), "the CernVM-FS client binary (package cvmfs)",
                        section="The CernVM-FS client")
+    # Looked up once at start (the mounter keeps the credentials).
+    cvmfs2_user: str = key(
+        "cvmfs", "the user cvmfs2 drops root to (its uid=/gid= options, as the mount helper "
+        "passes for CVMFS_USER); \"\" or a user that does not exist: cvmfs2 stays root",
+        restart=True, metavar="USER")
     cvmfs2_config: tuple[Path, ...] = key(
         (), "empty: cvmfs2 reads the node's /etc/cvmfs hierarchy; else exactly these files "
         "(`-o config=a:b`)",
@@ -78,10 +83,26 @@ class Config:
     max_concurrent_boots: int = key(8, "cvmfs2 boots running at once", restart=True)
     max_mounted: int = key(1000, "mounted (or booting) repositories at most, beyond that a "
                            "lookup fails with ENOSPC; 0 = no limit")
-    backoff_initial: float = key(2.0, "after a failed boot, lookups fail at once for "
+    backoff_initial: float = key(60.0, "after a failed boot, lookups fail at once for "
                                  "backoff_initial * 2^(n-1) s", restart=True,
-                                 doc="`cvmfsctl mount NAME` retries at once.")
-    backoff_max: float = key(300.0, "the longest backoff, in seconds", restart=True)
+                                 doc="Like autofs, which remembers a failed key for 60 s. "
+                                     "`cvmfsctl mount NAME` retries at once.")
+    backoff_max: float = key(600.0, "the longest backoff, in seconds", restart=True)
+    # The registry is sized with it at start.
+    max_names: int = key(4096, "names that hold no mount (idle, failed) kept at most, least "
+                         "recently used out first; a failed one keeps its backoff while kept "
+                         "(>= 16)", restart=True)
+    # One requester: a uid, and the pod for a process in a Kubernetes pod. Boot shares are
+    # made once per requester, so only a restart changes them.
+    requester_boots: int = key(0, "boot slots one requester's boots use at once (more wait "
+                               "their turn); 0 = half of max_concurrent_boots", restart=True)
+    requester_mounts: int = key(0, "mounts one requester started that may be held (more: its "
+                                "lookups of new names fail with ENOSPC); 0 = half of "
+                                "max_mounted")
+    requester_waits: int = key(0, "requests of one requester waiting in the root (more: "
+                               "EAGAIN); 0 = an eighth of fuse_max_tasks")
+    max_pins_per_repository: int = key(8, "pinned snapshot instances one repository may have "
+                                       "mounted at once (>= 1)")
     restart_burst: int = key(10, "a backend that dies more than restart_burst times within "
                              "restart_window is backed off instead of healed", restart=True)
     restart_window: float = key(60.0, "seconds over which backend deaths are counted",
@@ -143,6 +164,13 @@ class Config:
         # a node that allows only its own domain must not lose it (deny still wins).
         extra = (self.config_repository,) if self.config_repository else ()
         return NamePolicy(allow=self.allow + extra, deny=self.deny)
+
+    @property
+    def requester_limits(self) -> tuple[int, int, int]:
+        """(boots, mounts, waits) one requester may hold."""
+        return (self.requester_boots or max(1, self.max_concurrent_boots // 2),
+                self.requester_mounts or max(1, (self.max_mounted or 2000) // 2),
+                self.requester_waits or max(1, self.fuse_max_tasks // 8))
 
     @property
     def handler_wait(self) -> float:
@@ -271,6 +299,13 @@ def _validate(cfg: Config) -> Config:
         problems.append("restart_burst must be >= 1")
     if cfg.fuse_max_tasks < 8:
         problems.append("fuse_max_tasks must be >= 8")
+    if cfg.max_names < 16:
+        problems.append("max_names must be >= 16")
+    if cfg.max_pins_per_repository < 1:
+        problems.append("max_pins_per_repository must be >= 1")
+    for name in ("requester_boots", "requester_mounts", "requester_waits"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0")
     if not 0 < cfg.backoff_initial <= cfg.backoff_max:
         problems.append("backoff_initial and backoff_max: need 0 < backoff_initial <= "
                         "backoff_max")

@@ -15,7 +15,7 @@ import pyfuse3
 import structlog
 import trio
 
-from . import __version__, kernel, rootmount, takeover
+from . import __version__, fusedev, kernel, rootmount, signals, takeover
 from .admin import Admin
 from .children import Children, Tracked
 from .config import Config
@@ -98,7 +98,8 @@ async def _adopt(rt: Runtime, plan: takeover.Plan) -> None:
     Names are marked mounted first, so nothing can boot a second backend for them."""
     staged = rootmount.staged_root(rt.cfg)
     for found in plan.adopt:
-        repo = rt.registry.get(found.name) or rt.registry.add(found.name, found.fqrn, found.pin)
+        repo = rt.registry.get(found.name) or rt.registry.candidate(found.name, found.fqrn,
+                                                                   found.pin)
         try:
             process = Tracked.open(found.pid)
         except ProcessLookupError:
@@ -138,7 +139,7 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
     kernel.set_child_subreaper()
     os.chdir("/")  # hold no directory busy; cvmfs2 inherits a safe working directory
     registry = Registry(cfg.backoff_initial, cfg.backoff_max, cfg.restart_window,
-                        cfg.restart_burst)
+                        cfg.restart_burst, cfg.max_names)
     children = Children()
     rt = Runtime(cfg, registry, Mounter(cfg, registry, children), children)
     plan = await trio.to_thread.run_sync(_inspect_root, cfg)
@@ -150,6 +151,8 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
         async with trio.open_nursery() as nursery:
             await nursery.start(children.run)
             await trio.to_thread.run_sync(_prepare_staging, cfg)
+            rt.mounter.fusectl = await trio.to_thread.run_sync(
+                fusedev.mount_control, cfg.staging_dir / "fusectl")
             try:
                 await nursery.start(rt.mounter.run)
                 upkeep = Upkeep(cfg, registry, rt.mounter)
@@ -204,10 +207,17 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
 async def _until_stop(rt: Runtime, fuse_done: trio.Event) -> None:
     modes = {signal.SIGTERM: StopMode(rt.cfg.stop_mode), signal.SIGINT: StopMode(rt.cfg.stop_mode),
              signal.SIGUSR2: StopMode.REEXEC}
-    with trio.open_signal_receiver(*modes) as signals:
+    with trio.open_signal_receiver(*modes) as received:
+        # What came while the daemon started (signals.install_early) counts as if sent now.
+        for signum in signals.pending:
+            if signum in modes:
+                log.info("stopping", signal=signal.Signals(signum).name, mode=str(modes[signum]),
+                         received="while starting")
+                rt.request_stop(modes[signum])
+        signals.pending.clear()
         async with trio.open_nursery() as waiter:
             async def on_signal() -> None:
-                async for signum in signals:
+                async for signum in received:
                     log.info("stopping", signal=signal.Signals(signum).name,
                              mode=str(modes[signum]))
                     rt.request_stop(modes[signum])

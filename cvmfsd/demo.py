@@ -42,6 +42,28 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -
     raise RuntimeError("cvmfsd did not become ready")
 
 
+def _workspace_for_cvmfs2(tmp: Path) -> None:
+    """cvmfs2 drops root to the cvmfs user where it exists (as cvmfsd starts it): its cache and
+    reload socket directories are that user's, as the cvmfs package prepares them."""
+    import pwd
+
+    tmp.chmod(0o755)
+    for sub in ("cache", "reload"):
+        (tmp / sub).mkdir()
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam("cvmfs")
+            os.chown(tmp / sub, user.pw_uid, user.pw_gid)
+
+
+def _wait_logged(log: Path, repo: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any('"event": "mount"' in line and f'"repo": "{repo}"' in line
+               for line in log.read_text().splitlines()):
+            return
+        time.sleep(0.02)
+
+
 def main(keep_going: bool = False) -> int:
     if os.geteuid() != 0:
         print("cvmfsd demo: run as root (FUSE mounts)", file=sys.stderr)
@@ -54,6 +76,7 @@ def main(keep_going: bool = False) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cvmfsd-demo-") as tmp_name:
         tmp = Path(tmp_name)
+        _workspace_for_cvmfs2(tmp)
         for fqrn, files in REPOS.items():
             make_repo(tmp / "server", fqrn, files, executable=("bin/hello",))
         client = tmp / "client.conf"
@@ -85,6 +108,8 @@ def main(keep_going: bool = False) -> int:
             _say(f"$ {root}/demo.cern.ch/bin/hello\n{hello.rstrip()}")
             fqrn = os.getxattr(root / "sft.cern.ch", "user.fqrn").decode()
             _say(f"$ getfattr -n user.fqrn {root}/sft.cern.ch\nuser.fqrn=\"{fqrn}\"")
+            # cvmfs2 answers a moment before the daemon has logged the mount and lists it.
+            _wait_logged(log, "sft.cern.ch")
             _say(f"$ ls {root}\n{' '.join(sorted(os.listdir(root)))}")
             attempts = [json.loads(line) for line in log.read_text().splitlines()
                         if '"event": "mount"' in line]

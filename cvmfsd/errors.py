@@ -31,6 +31,14 @@ class MountError(Exception):
         self.exit_code = exit_code
         self.stderr_tail = stderr[-STDERR_TAIL:]
 
+    def replay(self) -> MountError:
+        """A fresh exception with the same facts. Raising the stored one again would hang each
+        raise's traceback onto it: a lookup loop on a failed name grows it without bound."""
+        fresh = type(self).__new__(type(self))
+        fresh.__dict__.update(self.__dict__)
+        fresh.args = self.args
+        return fresh
+
     def as_dict(self) -> dict[str, object]:
         return {"message": self.message, "exit_code": self.exit_code,
                 "meaning": EXIT_MEANINGS.get(self.exit_code or -1), "stderr": self.stderr_tail,
@@ -64,7 +72,16 @@ class AttachFailed(MountError):
 
 
 class LimitReached(MountError):
+    """Mount slots are used up: all of them, or the requester's share, or the pinned instances
+    one repository may have."""
+
     errno = errno.ENOSPC
+
+
+class WalkAgain(MountError):
+    """The kernel is being told to forget the name: the walk is to start again (ESTALE)."""
+
+    errno = errno.ESTALE
 
 
 class BackendDied(MountError):

@@ -7,11 +7,12 @@ FUSE loop. The rules below are DESIGN.md §2-4, measured on the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -21,9 +22,11 @@ import trio
 from .config import Config
 from .errors import MountError
 from .lifecycle import State
+from .log import Throttle
 from .mounter import Mounter
 from .names import SNAPSHOTS_DIR, InvalidName, check, parse_snapshot
-from .registry import ROOT_INODE, SNAPSHOTS_INODE, Registry, Repo
+from .registry import ACTIVE, ROOT_INODE, SNAPSHOTS_INODE, Registry, Repo
+from .requester import Requester, identify
 
 # Directories of our own (never covered by a mount): cached like the root.
 _DIRS = {ROOT_INODE: 0o755, SNAPSHOTS_INODE: 0o555}
@@ -33,6 +36,8 @@ log = structlog.get_logger("cvmfsd.fs")
 # Names never change their nodeid and the root never changes: let the kernel cache them (almost)
 # forever, so that already-mounted repositories keep working while this daemon restarts.
 FOREVER = 1e6
+# FUSE tasks never given to waiting requests.
+RESERVED_TASKS = 8
 
 T = TypeVar("T")
 
@@ -70,6 +75,12 @@ class RootOperations(pyfuse3.Operations):
         self.internal_errors = 0
         self._epoch_ns = time.time_ns()
         self._nlookup: dict[int, int] = {}
+        # Requests waiting for an attach, per requester and in all; some tasks always stay free
+        # for the rest (listings, lookups, the liveness check).
+        self._waiting: dict[Requester, int] = {}
+        self._waiting_total = 0
+        self._waiting_limit = max(1, cfg.fuse_max_tasks - RESERVED_TASKS)
+        self._refusals = Throttle()
 
     # --- attributes -------------------------------------------------------------------------
     def _attrs(self, inode: int, mode: int, timeout: float) -> pyfuse3.EntryAttributes:
@@ -106,19 +117,54 @@ class RootOperations(pyfuse3.Operations):
     async def _through_covered_inode(self, inode: int, ctx: pyfuse3.RequestContext) -> Repo:
         """A request on a name's own inode comes from a walk that did not cross a mount there.
 
-        Our mount workers get answered at once. Anyone else waits (bounded) for the attach and
-        gets ESTALE, so the VFS walks again with LOOKUP_REVAL and crosses the new mount.
+        Our mount workers get answered at once. Anyone else waits (bounded) until the name's
+        mount is in place — made at once, before cvmfs2 even starts — and gets ESTALE, so the
+        VFS walks again with LOOKUP_REVAL, crosses the mount and waits there, in the kernel,
+        for cvmfs2's answer. A name that failed answers with its error. Waiting requests are
+        shared out by requester, so that nobody can hold every FUSE task of the root.
         """
         repo = self._repo(inode)
         if self.registry.is_own_thread(ctx.pid):
             return repo
-        if repo.state is State.UNMOUNTING:
-            with trio.move_on_after(self.cfg.handler_wait):
-                await repo.settled.wait()
-        if repo.state is not State.MOUNTED:
-            self.mounter.request(repo)
-            await self.mounter.settle(repo, self.cfg.handler_wait)
+        self.registry.touch(repo)
+        if repo.state is State.MOUNTED:
+            raise _fail(errno.ESTALE)  # a walk that started before the mount was attached
+        requester = identify(ctx.uid, ctx.pid)
+        with self._waiting_slot(requester):
+            if repo.evicting is not None:
+                with trio.move_on_after(self.cfg.handler_wait):
+                    await repo.evicting.wait()
+                raise _fail(errno.ESTALE)  # the name is forgotten now: walk again, look it up
+            if repo.state is State.UNMOUNTING:
+                with trio.move_on_after(self.cfg.handler_wait):
+                    await repo.settled.wait()
+            if repo.state is not State.MOUNTED:
+                self.mounter.request(repo, requester)
+                await self.mounter.attached(repo, self.cfg.handler_wait)
         raise _fail(errno.ESTALE)
+
+    @contextlib.contextmanager
+    def _waiting_slot(self, requester: Requester) -> Iterator[None]:
+        _, _, share = self.cfg.requester_limits
+        mine = self._waiting.get(requester, 0)
+        if mine >= share or self._waiting_total >= self._waiting_limit:
+            suppressed = self._refusals.allow(requester)
+            if suppressed is not None:
+                log.warning("wait_refused", requester=str(requester), waiting=mine,
+                            waiting_total=self._waiting_total, errno="EAGAIN",
+                            suppressed=suppressed)
+            raise _fail(errno.EAGAIN)
+        self._waiting[requester] = mine + 1
+        self._waiting_total += 1
+        try:
+            yield
+        finally:
+            self._waiting_total -= 1
+            left = self._waiting[requester] - 1
+            if left:
+                self._waiting[requester] = left
+            else:
+                del self._waiting[requester]
 
     # --- handlers ---------------------------------------------------------------------------
     @fuse_boundary
@@ -143,14 +189,18 @@ class RootOperations(pyfuse3.Operations):
             try:
                 if parent_inode == SNAPSHOTS_INODE:
                     fqrn, pin = parse_snapshot(text, self.cfg.policy)
-                    repo = self.registry.add(text, fqrn, pin)
+                    repo = self.registry.candidate(text, fqrn, pin)
                 else:
                     check(text, self.cfg.policy)
-                    repo = self.registry.add(text)
+                    repo = self.registry.candidate(text)
             except InvalidName:
                 raise _fail(errno.ENOENT) from None
+        else:
+            self.registry.touch(repo)
         # Never an error for a name that is mounted or booting: that would detach it (§4).
-        self.mounter.request(repo)
+        # A name that is refused (backoff, limits) fails here and never becomes an entry.
+        if repo.state not in ACTIVE:
+            self.mounter.request(repo, identify(ctx.uid, ctx.pid))
         return self._entry(repo)
 
     @fuse_boundary
@@ -159,8 +209,11 @@ class RootOperations(pyfuse3.Operations):
             left = self._nlookup.get(inode, 0) - count
             if left > 0:
                 self._nlookup[inode] = left
-            else:
-                self._nlookup.pop(inode, None)
+                continue
+            self._nlookup.pop(inode, None)
+            repo = self.registry.by_inode(inode)
+            if repo is not None:
+                self.registry.forgotten(repo)
 
     @fuse_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

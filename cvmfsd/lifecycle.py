@@ -7,7 +7,7 @@ from enum import StrEnum
 
 class State(StrEnum):
     IDLE = "idle"            # not mounted; the next access boots it
-    BOOTING = "booting"      # cvmfs2 starting at the staging path, or being attached
+    BOOTING = "booting"      # mounted at its path, cvmfs2 starting on it (or the mount being made)
     MOUNTED = "mounted"      # attached at <root>/<name>
     FAILED = "failed"        # last boot failed; no new boot before the backoff ends
     UNMOUNTING = "unmounting"

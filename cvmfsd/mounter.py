@@ -1,34 +1,56 @@
-"""Boots repositories at a private staging path and attaches them under the root.
+"""Mounts repositories under the root and keeps them mounted.
 
 DESIGN.md §1-2: a mount onto <root>/<name> must never happen while the LOOKUP of <name> is
-unanswered, so LOOKUP only calls request() (which never waits) and the boot runs here, in the
-background. The attach is a MS_MOVE from a worker thread whose FUSE requests the root answers
-at once.
+unanswered, so LOOKUP only calls request() (which never waits) and the mount is made here, in
+the background, from a worker thread whose FUSE requests the root answers at once.
+
+cvmfs2 runs in pre-mounted mode (docs/cvmfs2-interface.md §3): the daemon mounts /dev/fuse at
+<root>/<path> itself, at once, and then starts cvmfs2 on the descriptor. A process that looked the
+name up crosses that mount right away and waits in the kernel for cvmfs2's first answer, so no
+FUSE handler of the root waits for a boot, and the answer comes as soon as cvmfs2 serves. The
+daemon keeps a copy of the descriptor: when cvmfs2 fails or dies, the requests waiting in the
+connection are answered with ESTALE after the dead mount is gone (fusedev), and the processes
+walk again onto what is there now.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 import trio
 
-from . import backend, kernel
+from . import anchor as anchors, backend, fusedev, kernel
 from .children import Children, Tracked
 from .config import Config
-from .errors import AttachFailed, BackendDied, LimitReached, MountError, ShuttingDown
+from .errors import (
+    AttachFailed,
+    BackendDied,
+    LimitReached,
+    MountError,
+    ShuttingDown,
+    WalkAgain,
+)
 from .lifecycle import Event, State
-from .registry import Registry, Repo
+from .log import Throttle
+from .registry import ACTIVE, Registry, Repo
+from .requester import Requester
 
 log = structlog.get_logger("cvmfsd.mounter")
 
 # Seconds a backend gets to exit by itself after its unmount, then again after SIGTERM.
 STOP_GRACE = 5.0
+# Seconds a call on a backend (an xattr, the talk socket) may take before it counts as hung.
+BACKEND_CALL_TIMEOUT = 10.0
+# A dead connection is answered until nothing arrives for this long: processes that were on
+# their way in when the mount was detached.
+DRAIN_IDLE = 0.1
 
 
 class Mounter:
@@ -37,10 +59,17 @@ class Mounter:
         self.registry = registry
         self.children = children
         self._limiter = trio.CapacityLimiter(cfg.max_concurrent_boots)
+        self._shares: dict[Requester, trio.CapacityLimiter] = {}  # per requester, while in use
         self._nursery: trio.Nursery | None = None
         self._boots: set[trio.CancelScope] = set()
         self._boots_idle = trio.Event()
         self.closing = False
+        self.credentials = backend.Credentials.lookup(cfg.cvmfs2_user)
+        # What users can make happen at any rate is logged at a bounded rate.
+        self._refusals = Throttle()
+        registry.on_excess = self._evict_excess
+        # The FUSE control filesystem (fusedev.abort), mounted by the daemon at start.
+        self.fusectl: Path | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -53,25 +82,73 @@ class Mounter:
         return self._nursery is not None
 
     # --- called from FUSE handlers: never waits ----------------------------------------------
-    def request(self, repo: Repo) -> None:
-        """Make sure a boot of repo is under way, or raise the error that keeps it from one."""
-        if repo.state in (State.BOOTING, State.MOUNTED, State.UNMOUNTING):
+    def request(self, repo: Repo, requester: Requester | None = None) -> None:
+        """Make sure a boot of repo is under way, or raise the error that keeps it from one.
+        A candidate (registry.candidate) becomes an entry only when its boot begins.
+        requester: who is charged for the boot and the mount (None: the daemon or an admin)."""
+        if repo.state in ACTIVE:
             return
+        if repo.evicting is not None:
+            raise WalkAgain(f"{repo.name} is being forgotten")
         if self.closing:
             raise ShuttingDown()
         if not self.registry.may_boot(repo, trio.current_time()):
             assert repo.last_error is not None
-            raise repo.last_error
-        if self.cfg.max_mounted and self.registry.active() >= self.cfg.max_mounted:
-            error = LimitReached(f"{self.cfg.max_mounted} repositories are mounted already "
-                                 "(max_mounted)")
-            repo.last_error, repo.last_error_at = error, time.time()
-            log.warning("mount", repo=repo.name, result="refused", error=error.message,
-                        boot=repo.boots, duration_ms=0.0, exit_code=None)
-            raise error
+            raise repo.last_error.replay()
+        refusal = self._refusal(repo, requester)
+        if refusal is not None:
+            suppressed = self._refusals.allow((type(refusal), requester))
+            if suppressed is not None:
+                log.warning("mount", repo=repo.name, result="refused", error=refusal.message,
+                            requester=str(requester) if requester else None,
+                            errno=errno.errorcode.get(refusal.errno), suppressed=suppressed)
+            raise refusal
         assert self._nursery is not None
-        self.registry.begin_boot(repo)
+        self.registry.begin_boot(repo, requester)
         self._nursery.start_soon(self._mount, repo, name=f"mount {repo.name}")
+
+    def _refusal(self, repo: Repo, requester: Requester | None) -> MountError | None:
+        """Why a boot may not begin now: a limit of the node's, or of the requester's share."""
+        cfg = self.cfg
+        if cfg.max_mounted and self.registry.active() >= cfg.max_mounted:
+            return LimitReached(f"{cfg.max_mounted} repositories are mounted already "
+                                "(max_mounted)")
+        if repo.pin is not None and (self.registry.pins_of(repo.fqrn)
+                                     >= cfg.max_pins_per_repository):
+            return LimitReached(f"{repo.fqrn} has {cfg.max_pins_per_repository} pinned "
+                                "instances mounted already (max_pins_per_repository)")
+        if requester is None:
+            return None
+        _, mounts, _ = cfg.requester_limits
+        _, holding = self.registry.shares_of(requester)
+        if holding >= mounts:
+            return LimitReached(f"{requester} holds {holding} mounts already "
+                                "(requester_mounts)")
+        return None
+
+    # --- the kernel forgets names past max_names ---------------------------------------------
+    def _evict_excess(self) -> None:
+        if self._nursery is None:
+            return
+        for repo in self.registry.excess():
+            repo.evicting = trio.Event()
+            self._nursery.start_soon(self._evict, repo, name=f"evict {repo.name}")
+
+    async def _evict(self, repo: Repo) -> None:
+        """Tell the kernel to forget a name that holds no mount; its FORGET then drops the
+        entry (registry.forgotten). While this runs nothing is mounted there: an invalidated
+        dentry takes its mounts with it (DESIGN.md §4)."""
+        assert repo.evicting is not None
+        try:
+            if repo.anchor is not None:  # nothing will be mounted there for its copies now
+                anchor_, repo.anchor = repo.anchor, None
+                await trio.to_thread.run_sync(anchors.drop, anchor_)
+            await trio.to_thread.run_sync(_invalidate, repo.parent_inode, repo.name)
+        except Exception as exc:  # no FUSE session (unit tests), or the name is gone already
+            log.debug("evict_failed", repo=repo.name, error=repr(exc))
+        finally:
+            done, repo.evicting = repo.evicting, None
+            done.set()
 
     async def settle(self, repo: Repo, timeout: float) -> None:
         """Wait (bounded) until the current boot of repo is attached; raise its error if not."""
@@ -80,33 +157,68 @@ class Mounter:
         if repo.state is State.MOUNTED:
             return
         if repo.state is State.FAILED and repo.last_error is not None:
-            raise repo.last_error
+            raise repo.last_error.replay()
         raise MountError(f"{repo.name} is still {repo.state} after {timeout:g} s")
 
+    async def attached(self, repo: Repo, timeout: float) -> None:
+        """Wait (bounded) until the current boot's mount is in place; raise the boot's error if
+        it failed instead."""
+        with trio.move_on_after(timeout):
+            await repo.attached.wait()
+        if repo.state is State.FAILED and repo.last_error is not None:
+            raise repo.last_error.replay()
+        if not repo.attached.is_set():
+            raise MountError(f"{repo.name} is still {repo.state} after {timeout:g} s")
+
     # --- the boot ---------------------------------------------------------------------------
-    def _limit(self, repo: Repo) -> contextlib.AbstractAsyncContextManager[object]:
+    @contextlib.asynccontextmanager
+    async def _limit(self, repo: Repo) -> AsyncIterator[None]:
+        """A boot slot: at most max_concurrent_boots cvmfs2 start at once, and the boots one
+        requester started take at most its share of them (the rest wait for its earlier ones,
+        in the daemon, while their processes wait in the kernel), so others always find some."""
         # cvmfs2 may read the config repository under the root while it boots another one: that
         # boot must not queue behind the one that needs it.
         if repo.name == self.cfg.config_repository:
-            return contextlib.nullcontext()
-        return self._limiter
+            yield
+            return
+        requester = repo.requester
+        if requester is None:
+            async with self._limiter:
+                yield
+            return
+        share = self._shares.get(requester)
+        if share is None:
+            share = self._shares[requester] = trio.CapacityLimiter(self.cfg.requester_limits[0])
+        try:
+            async with share, self._limiter:
+                yield
+        finally:
+            if not share.borrowed_tokens and not share.statistics().tasks_waiting:
+                self._shares.pop(requester, None)
 
     async def _mount(self, repo: Repo) -> None:
-        staging = self.cfg.staging_dir / _staging_name(repo)
         started = trio.current_time()
         process: Tracked | None = None
         error: MountError | None = None
+        anchored = False
         with trio.CancelScope() as scope:
             self._boots.add(scope)
             try:
+                fd, dev = await trio.to_thread.run_sync(self._premount, repo)
+                anchored = repo.anchor is not None
+                if repo.anchor is not None:
+                    anchor_, repo.anchor = repo.anchor, None
+                    await trio.to_thread.run_sync(self._pass_on, anchor_, repo.path)
+                self.registry.mount_attached(repo, fd, dev)
                 async with self._limit(repo):
-                    await trio.to_thread.run_sync(_make_dir, staging)
                     pin_config = None
                     if repo.pin is not None:
                         pin_config = await trio.to_thread.run_sync(
-                            backend.write_pin_config, self.cfg, repo.name, repo.pin)
-                    await backend.boot(self.cfg, self.children, repo.fqrn, staging, pin_config)
-                    process = await trio.to_thread.run_sync(self._attach, repo, staging)
+                            backend.write_pin_config, self.cfg, repo.name, repo.pin,
+                            self.credentials)
+                    await backend.boot(self.cfg, self.children, repo.fqrn, fd, pin_config,
+                                       self.credentials)
+                    process = await self._serving_process(repo)
             except MountError as exc:
                 error = exc
             except Exception as exc:  # a bug, not a repository problem: fail this mount visibly
@@ -119,36 +231,79 @@ class Mounter:
         if scope.cancelled_caught or (error is None and process is None):
             error = ShuttingDown()
         if error is not None:
+            held = None
             with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await trio.to_thread.run_sync(backend.cleanup_staging, staging)
+                # A replacement that reached copies elsewhere is anchored in turn, for the next.
+                held = await trio.to_thread.run_sync(self._detach, repo, anchored)
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
             self._log_attempt(repo, started, None, error)
+            # Processes waiting in the connection may have spent their one ESTALE retry on the
+            # way in: they get the name's own error.
+            self._release(repo, self.registry.take_fuse_fd(repo), held, error.errno)
             return
         assert process is not None
         self.registry.booted(repo, process, trio.current_time(), time.time())
         self._log_attempt(repo, started, process.pid, None)
         self.watch(repo, process)
 
-    def _attach(self, repo: Repo, staging: Path) -> Tracked:
-        """Worker thread: check what booted, then move it into place."""
+    def _premount(self, repo: Repo) -> tuple[int, tuple[int, int]]:
+        """Worker thread: mount /dev/fuse at the repository's path for cvmfs2 to serve."""
         self.registry.enter_own_thread()
         try:
-            fqrn = backend.mounted_fqrn(staging)
-            if fqrn != repo.fqrn:
-                raise AttachFailed(f"cvmfs2 mounted {fqrn!r} for {repo.fqrn!r}")
-            process = Tracked.open(backend.serving_pid(staging))
-            try:
-                kernel.move(staging, self.cfg.root / repo.path)
-            except OSError:
-                process.close()
-                raise
+            return backend.premount(self.cfg.root / repo.path)
         except OSError as exc:
-            raise AttachFailed(f"attach of {repo.name} failed: {exc}") from exc
+            raise AttachFailed(f"mount of {repo.name} failed: {exc}") from exc
         finally:
             self.registry.leave_own_thread()
-        with contextlib.suppress(OSError):
-            staging.rmdir()
-        return process
+
+    async def _serving_process(self, repo: Repo) -> Tracked:
+        """The daemonized process that serves the mount (xattr user.pid, interface §6): one
+        round trip to cvmfs2, which serves by now; bounded, since a backend can hang."""
+        path = self.cfg.root / repo.path
+
+        def read_pid() -> int:
+            self.registry.enter_own_thread()
+            try:
+                return backend.serving_pid(path)
+            finally:
+                self.registry.leave_own_thread()
+
+        with trio.move_on_after(BACKEND_CALL_TIMEOUT):
+            try:
+                pid = await trio.to_thread.run_sync(read_pid, abandon_on_cancel=True)
+                return Tracked.open(pid)
+            except (OSError, ValueError) as exc:
+                raise AttachFailed(f"cvmfs2 started but its mount does not answer: {exc}"
+                                   ) from exc
+        raise AttachFailed(f"cvmfs2 started but its mount did not answer within "
+                           f"{BACKEND_CALL_TIMEOUT:g} s")
+
+    def _release(self, repo: Repo, fd: int | None, held: int | None, error: int,
+                 after: trio.Event | None = None) -> None:
+        """After the mount was detached (held: what _detach returned): answer what waits in its
+        connection (fd: the daemon's copy) with `error` — once `after` is set, if given; until
+        then the processes keep waiting —, end the connection, and close both."""
+        if fd is None:
+            if held is not None:
+                os.close(held)
+            return
+        assert self._nursery is not None
+        dev = repo.dev
+
+        async def drain() -> None:
+            try:
+                if after is not None:
+                    with trio.move_on_after(self.cfg.handler_wait):
+                        await after.wait()
+                await fusedev.answer_all(fd, error, idle=DRAIN_IDLE, name=repo.name)
+            finally:
+                if held is not None:  # else the device number may belong to another mount
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(fusedev.abort, self.fusectl, dev)
+                    os.close(held)
+                os.close(fd)
+
+        self._nursery.start_soon(drain, name=f"drain {repo.name}")
 
     def _log_attempt(self, repo: Repo, started: float, pid: int | None,
                      error: MountError | None) -> None:
@@ -173,25 +328,57 @@ class Mounter:
             await self.heal(repo, f"serving process {process.pid} {status}")
 
     async def heal(self, repo: Repo, why: str) -> None:
-        """Detach a dead mount; the next access mounts the repository again."""
+        """Detach a dead mount and mount the repository again at once (unless it crash-loops):
+        processes waiting in the dead connection are told to walk again (ESTALE) once the new
+        mount is in place, and wait there for the new cvmfs2."""
         process = repo.process
         lived = trio.current_time() - (repo.mounted_at or trio.current_time())
-        await trio.to_thread.run_sync(self._detach, repo.path)
+        held = await trio.to_thread.run_sync(self._detach, repo, True)
         if repo.state is not State.MOUNTED or repo.process is not process:
+            if held is not None:
+                os.close(held)
             return
+        fd = self.registry.take_fuse_fd(repo)
         self.registry.died(repo, BackendDied(f"{why} after {lived:.1f} s"), trio.current_time(),
                            time.time())
         log.warning("healed", repo=repo.name, reason=why, mounted_for_s=round(lived, 2),
                     state=str(repo.state))
+        remount = repo.state is State.IDLE and not self.closing
+        if remount:
+            with contextlib.suppress(MountError):  # e.g. the limits: the next access retries
+                self.request(repo)
+        self._release(repo, fd, held, errno.ESTALE,
+                      after=repo.attached if repo.state is State.BOOTING else None)
         if process is not None:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)
 
-    def _detach(self, path: str) -> None:
+    def _detach(self, repo: Repo, anchor: bool = False) -> int | None:
+        """Worker thread: detach what is mounted at the repository's path — first anchored
+        (see anchor.py) when copies of it outside the root's tree are to receive the next
+        mount. Returns an O_PATH descriptor of it that keeps its superblock — and so its
+        connection's number under the FUSE control filesystem — from being reused until the
+        caller is done with it and closes it."""
+        path = self.cfg.root / repo.path
         self.registry.enter_own_thread()
         try:
+            if anchor and repo.anchor is None:
+                repo.anchor = anchors.make(path, self.cfg.root,
+                                           self.cfg.staging_dir / f"anchor-{repo.inode}")
+            try:
+                held: int | None = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                held = None
             with contextlib.suppress(OSError):
-                kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
+                kernel.umount(path, kernel.MNT_DETACH)
+            return held
+        finally:
+            self.registry.leave_own_thread()
+
+    def _pass_on(self, anchor: anchors.Anchor, path: str) -> None:
+        self.registry.enter_own_thread()
+        try:
+            anchors.pass_on(anchor, self.cfg.root / path)
         finally:
             self.registry.leave_own_thread()
 
@@ -203,7 +390,7 @@ class Mounter:
         process = repo.process
         self.registry.begin_unmount(repo)
         try:
-            done = await trio.to_thread.run_sync(self._umount, repo.path, lazy)
+            done = await trio.to_thread.run_sync(self._umount, repo, lazy)
         except OSError as exc:
             log.error("umount_failed", repo=repo.name, error=str(exc))
             done = False
@@ -214,29 +401,41 @@ class Mounter:
             self.registry.gone(repo, Event.UNMOUNTED)
         log.info("unmounted", repo=repo.name, reason=reason,
                  serving_pid=process and process.pid)
+        # The unmount ended the connection (or, detached while busy, cvmfs2 serves the holders
+        # until they let go): nothing waits in it for the daemon's answer.
+        fd = self.registry.take_fuse_fd(repo)
+        if fd is not None:
+            os.close(fd)
+        if repo.pin is not None:
+            await trio.to_thread.run_sync(backend.remove_pin_workspace, self.cfg, repo.name)
         if process is not None:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)
         return True
 
-    def _umount(self, path: str, lazy_if_busy: bool) -> bool:
-        """Worker thread: unmount <root>/<path>. False when busy and not lazy."""
+    def _umount(self, repo: Repo, lazy_if_busy: bool) -> bool:
+        """Worker thread: unmount the repository. False when busy and not lazy. A forced one
+        is anchored first: copies elsewhere (volumes in pods) get the next mount."""
+        path = self.cfg.root / repo.path
         self.registry.enter_own_thread()
         try:
-            kernel.umount(self.cfg.root / path)
+            kernel.umount(path)
         except OSError as exc:
             if exc.errno != errno.EBUSY or not lazy_if_busy:
                 if exc.errno == errno.EBUSY:
                     return False
                 raise
-            kernel.umount(self.cfg.root / path, kernel.MNT_DETACH)
-            log.warning("umount_lazy", repo=path, reason="busy; detached lazily")
+            if repo.anchor is None and not self.closing:
+                repo.anchor = anchors.make(path, self.cfg.root,
+                                           self.cfg.staging_dir / f"anchor-{repo.inode}")
+            kernel.umount(path, kernel.MNT_DETACH)
+            log.warning("umount_lazy", repo=repo.path, reason="busy; detached lazily")
         finally:
             self.registry.leave_own_thread()
         return True
 
     async def _cancel_boots(self) -> None:
-        """Boots in progress are cancelled; each kills its cvmfs2 and cleans its staging path."""
+        """Boots in progress are cancelled; each kills its cvmfs2 and detaches its mount."""
         self.closing = True
         for scope in list(self._boots):
             scope.cancel()
@@ -279,13 +478,8 @@ def _exit_text(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def _staging_name(repo: Repo) -> str:
-    # A snapshot's name holds '@', '=' and ':'; its staging path is on cvmfs2's command line.
-    if repo.pin is None:
-        return repo.name
-    return "pin-" + hashlib.sha1(repo.name.encode()).hexdigest()[:16]
+def _invalidate(parent_inode: int, name: str) -> None:
+    """Worker thread (pyfuse3 documents invalidate_entry as not for the request loop)."""
+    import pyfuse3
 
-
-def _make_dir(path: Path) -> None:
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o755)
+    pyfuse3.invalidate_entry(parent_inode, name.encode())

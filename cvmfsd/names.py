@@ -94,6 +94,10 @@ def check_pin(kind: str, value: str) -> Pin:
         raise InvalidName(f"unknown pin {kind!r} (tag, hash or date)")
     if rule.fullmatch(value) is None:
         raise InvalidName(f"{kind} {value!r} is not a valid {kind}")
+    if kind == "hash" and not value.partition("-")[0].strip("0"):
+        # cvmfs2 reads a null root hash as "no pin" and would serve the live revision under a
+        # snapshot's name.
+        raise InvalidName("the null hash pins nothing")
     if kind == "date":
         import datetime as dt
 

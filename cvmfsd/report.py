@@ -43,9 +43,7 @@ def iso(wall: float | None) -> str | None:
 
 
 def counts(registry: Registry) -> dict[str, int]:
-    out = {str(state): 0 for state in State}
-    for repo in registry:
-        out[str(repo.state)] += 1
+    out = {str(state): n for state, n in registry.counts().items()}
     out["total"] = sum(out.values())
     return out
 

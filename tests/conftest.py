@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +57,8 @@ class Env:
     client_config: Path
     cvmfs2: Path
     boots_log: Path
+    # Reachable by the cvmfs user: cache base, reload sockets, snapshot workspaces.
+    shared: Path
 
     def add_repo(self, fqrn: str, files: dict[str, bytes | str] | None = None, **kw: Any) -> None:
         make_repo(self.server, fqrn, DEMO_FILES if files is None else files,
@@ -71,16 +76,27 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
+def env(tmp_path: Path) -> Iterator[Env]:
     server = tmp_path / "server"
     server.mkdir()
-    cache = tmp_path / "cache"
+    # What cvmfs2 uses after dropping to the cvmfs user (cache base, reload socket directory,
+    # snapshot workspaces) must be reachable by that user: not below pytest's 0700 directories,
+    # and owned by it as the cvmfs package prepares its own. The loader creates neither the
+    # reload directory (exit 5) nor, as that user, a cache base below root's (exit 9).
+    shared = Path(tempfile.mkdtemp(prefix="cvmfsd-test-"))
+    shared.chmod(0o755)
+    cache, reload = shared / "cache", shared / "reload"
+    for d in (cache, reload):
+        d.mkdir()
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam("cvmfs")
+            os.chown(d, user.pw_uid, user.pw_gid)
     etc = tmp_path / "etc-cvmfs"
     (etc / "config.d").mkdir(parents=True)
     client_config = tmp_path / "client.conf"
     write_config(client_config, CVMFS_SERVER_URL=f"file://{server}/@fqrn@",
                  CVMFS_HTTP_PROXY="DIRECT", CVMFS_CACHE_BASE=str(cache),
-                 CVMFS_RELOAD_SOCKETS=str(tmp_path / "reload"), CVMFS_KEYS_DIR=str(etc / "keys"))
+                 CVMFS_RELOAD_SOCKETS=str(reload), CVMFS_KEYS_DIR=str(etc / "keys"))
     # Config files are shell fragments evaluated with CVMFS_FQRN set: pull in per-repository
     # fault knobs the way a node's config.d would.
     with open(client_config, "a") as f:
@@ -91,12 +107,15 @@ def env(tmp_path: Path) -> Env:
     counting = tmp_path / "cvmfs2"
     counting.write_text(f'#!/bin/sh\necho "$$ $*" >> {boots_log}\nexec {inner} "$@"\n')
     counting.chmod(0o755)
-    e = Env(tmp_path, server, client_config, counting, boots_log)
+    e = Env(tmp_path, server, client_config, counting, boots_log, shared)
     for fqrn in ("alice.cern.ch", "atlas.cern.ch", "cms.cern.ch", "lhcb.cern.ch",
                  "sft.cern.ch", "oasis.opensciencegrid.org", "icecube.opensciencegrid.org",
                  "ligo.osgstorage.org", "cvmfs-config.cern.ch"):
         e.add_repo(fqrn)
-    return e
+    yield e
+    # After start_daemon's teardown (it depends on env): nothing is mounted in here.
+    if not mounts_under(shared):
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @dataclass
@@ -128,6 +147,18 @@ class Daemon:
 
     def mount_attempts(self, repo: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self.events("mount") if repo is None or r["repo"] == repo]
+
+    def wait_mounted(self, *repos: str, timeout: float = 30) -> None:
+        """Until the daemon logged each repository's mount: a first access succeeds as soon as
+        cvmfs2 serves, a moment before the daemon has read the serving pid and logged it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = {r["repo"] for r in self.events("mount") if r["result"] == "mounted"}
+            if set(repos) <= done:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not logged as mounted: {set(repos) - done}")
+            time.sleep(0.02)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -187,7 +218,7 @@ def _wait_ready(d: Daemon, timeout: float = 20, count: int = 1) -> None:
 def toml_config(env: Env, **overrides: Any) -> str:
     values: dict[str, Any] = {
         "root": str(env.tmp / "cvmfs"), "run_dir": str(env.tmp / "run"),
-        "snapshot_dir": str(env.tmp / "snapshots"),
+        "snapshot_dir": str(env.shared / "snapshots"),
         "cvmfs2": str(env.cvmfs2), "cvmfs2_config": [str(env.client_config)],
         "log_format": "json", "mount_timeout": 20.0,
         # The limits the tests are written against, explicit: defaults may change.

@@ -88,5 +88,6 @@ def test_config_repository_lookup_from_inside_a_boot(start_daemon, env) -> None:
     d = start_daemon(cvmfs2_config=[], max_concurrent_boots=1,
                      config_repository="cvmfs-config.cern.ch")
     assert (d.path("atlas.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    d.wait_mounted("atlas.cern.ch", "cvmfs-config.cern.ch")
     assert sorted(os.listdir(d.root)) == ["atlas.cern.ch", "cvmfs-config.cern.ch"]
     assert Counter(env.boots()) == Counter({"atlas.cern.ch": 1, "cvmfs-config.cern.ch": 1})

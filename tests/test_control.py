@@ -213,6 +213,7 @@ def test_status_list_mount_umount(start_daemon) -> None:  # type: ignore[no-unty
 def test_reload(start_daemon) -> None:  # type: ignore[no-untyped-def]
     d = start_daemon()
     assert (d.path("cms.cern.ch") / "README").exists()
+    d.wait_mounted("cms.cern.ch")
     rewrite_config(d, deny=["cms.cern.ch", "lhcb.*"], mount_timeout=15.0)
     result = ok(call(d, "reload"))
     assert sorted(result["changed"]) == ["deny", "mount_timeout"]
@@ -390,6 +391,7 @@ def test_malformed_oversized_and_slow_clients(start_daemon) -> None:  # type: ig
     d = start_daemon()
     sock = socket_of(d)
     assert (d.path("alice.cern.ch") / "README").exists()
+    d.wait_mounted("alice.cern.ch")
     before = ok(call(d, "list", details=False))["repositories"]
     boots_before = list(d.env.boots())
 

@@ -39,6 +39,7 @@ def test_status_output_and_exit_codes(start_daemon) -> None:  # type: ignore[no-
     assert "\033[" not in out.stdout  # piped: plain
 
     assert (d.path("alice.cern.ch") / "README").exists()
+    d.wait_mounted("alice.cern.ch")
     d.env.add_repo("broken.cern.ch")
     d.env.repo_config("broken.cern.ch", CVMFS_STANDIN_FAIL="4")
     with contextlib.suppress(OSError):

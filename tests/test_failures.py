@@ -62,7 +62,8 @@ def test_boot_that_hangs_is_killed_at_the_timeout(start_daemon) -> None:  # type
     # The hung launcher was killed with its session: nothing of it is left.
     launcher_pid = int(d.env.boots_log.read_text().split()[0])
     assert not os.path.exists(f"/proc/{launcher_pid}")
-    assert not list((d.run_dir / "staging").iterdir())
+    # Nothing left of the boot (the daemon's own FUSE control mount stays there).
+    assert [p.name for p in (d.run_dir / "staging").iterdir()] in ([], ["fusectl"])
 
 
 def test_failed_repository_retries_after_backoff(start_daemon) -> None:  # type: ignore[no-untyped-def]

@@ -43,6 +43,7 @@ def test_first_access_by_every_syscall(daemon: Daemon) -> None:
             assert out == f"{path}/bin/hello"  # canonical: no staging path, no symlink
         else:
             assert out == "True"
+    daemon.wait_mounted(*REPOS)
     assert sorted(a["repo"] for a in daemon.mount_attempts()) == sorted(REPOS)
     assert all(a["result"] == "mounted" for a in daemon.mount_attempts())
 

@@ -81,7 +81,9 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
             killed = time.monotonic()
             while not exited(pid):
                 time.sleep(0.001)
-            wait_open_ok(blob, timeout=60.0)  # a guard against a hang, not a figure
+            # A guard against a hang: how fast it heals is measured (printed here, and in
+            # bench/), not asserted on a machine other work may be loading.
+            wait_open_ok(blob, timeout=60.0)
             heal_times.append(time.monotonic() - killed)
             assert serving_pid(d, repo) != pid
     finally:
@@ -127,7 +129,9 @@ def test_backend_that_crashes_on_every_boot_is_backed_off(start_daemon) -> None:
             os.stat(d.path(repo) / "README")
         assert exc.value.errno == errno.EIO
     assert d.env.boots().count(repo) == 4
-    assert set(codes) <= {0, errno.EIO, errno.ENOTCONN, errno.ENOENT}, codes
+    # A request the crashing backend had read already fails (ECONNABORTED: its connection is
+    # aborted); the rest are healed or refused during the backoff (EIO).
+    assert set(codes) <= {0, errno.EIO, errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT}, codes
 
 
 def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ignore[no-untyped-def]

@@ -41,16 +41,20 @@ def test_injection_rejected_before_argv(name: str) -> None:
         check(name, NamePolicy())
     cfg = Config(cvmfs2=Path("/bin/true"))
     with pytest.raises(InvalidName):
-        backend.argv(cfg, name, Path("/staging/x"))
+        backend.argv(cfg, name, 5)
 
 
 def test_argv_is_exactly_the_contract() -> None:
     cfg = Config(cvmfs2=Path("/usr/bin/cvmfs2"), cvmfs2_config=(Path("/a.conf"), Path("/b.conf")))
-    assert backend.argv(cfg, "sft.cern.ch", Path("/run/cvmfsd/staging/sft.cern.ch")) == [
+    assert backend.argv(cfg, "sft.cern.ch", 7) == [
         "/usr/bin/cvmfs2", "-o",
-        "fsname=cvmfs2,system_mount,allow_other,grab_mountpoint,libfuse=3,config=/a.conf:/b.conf",
-        "sft.cern.ch", "/run/cvmfsd/staging/sft.cern.ch"]
-    assert backend.argv(Config(cvmfs2=Path("/c")), "a.b", Path("/s"))[2].count("config=") == 0
+        "fsname=cvmfs2,system_mount,allow_other,libfuse=3,config=/a.conf:/b.conf",
+        "sft.cern.ch", "/dev/fd/7"]
+    assert backend.argv(Config(cvmfs2=Path("/c")), "a.b", 7)[2].count("config=") == 0
+    # Dropping root as the system mount helper does (CVMFS_USER):
+    creds = backend.Credentials("cvmfs", 998, 997)
+    assert backend.argv(cfg, "sft.cern.ch", 7, credentials=creds)[2].startswith(
+        "fsname=cvmfs2,system_mount,allow_other,libfuse=3,uid=998,gid=997,config=")
 
 
 def test_injections_through_the_root_start_nothing(daemon: Daemon) -> None:

@@ -47,6 +47,7 @@ def test_pinned_and_live_side_by_side(versioned: Env, start_daemon) -> None:  # 
     assert sorted(os.listdir(d.root / ".snapshots")) == sorted(
         [f"{REPO}@tag=v1", f"{REPO}@date=2025-06-01T00:00:00Z", f"{REPO}@hash={hash2}"])
     assert versioned.boots().count(REPO) == 4  # the live one and three pinned instances
+    d.wait_mounted(f"{REPO}@tag=v1")
     attempts = {a["repo"] for a in d.mount_attempts()}
     assert f"{REPO}@tag=v1" in attempts
 
@@ -68,6 +69,8 @@ def test_bad_tag_is_a_clear_error_without_retry_storm(versioned: Env, start_daem
     f"{REPO}@date=2024-13-45T00:00:00Z", f"{REPO}@date=yesterday", f"{REPO}@tag=v1@tag=v2",
     f"{REPO}@branch=x", f"{REPO}tag=v1", "-o@tag=v1", f"{REPO}@tag={'x' * 70}",
     f"{REPO}@tag=$(id)", f"{REPO}@tag=v1:x",
+    # cvmfs2's null hash: no pin at all, it would mount the live revision.
+    f"{REPO}@hash={'0' * 40}",
 ])
 def test_injection_in_pins_rejected(daemon: Daemon, name: str) -> None:
     with pytest.raises(InvalidName):
@@ -144,7 +147,8 @@ def test_root_hashes_with_an_algorithm_suffix(versioned: Env, start_daemon) -> N
     assert (snap(d, f"hash={hash2}-shake128") / "VERSION").read_text() == "release 2\n"
     assert os.getxattr(snap(d, f"hash={hash1}-rmd160"), "user.root_hash").decode() == (
         f"{hash1}-rmd160")
-    pins = sorted(p.read_text().splitlines()[0] for p in d.env.tmp.glob("snapshots/*/pin.conf"))
+    pins = sorted(p.read_text().splitlines()[0]
+                  for p in d.env.shared.glob("snapshots/*/pin.conf"))
     assert pins == [f"CVMFS_ROOT_HASH={hash1}-rmd160", f"CVMFS_ROOT_HASH={hash2}-shake128"]
     for bad in (f"{hash1}-md5", f"{hash1}-RMD160", f"{hash1}-rmd160-rmd160", f"{hash1}rmd160",
                 f"{hash1[:-1]}-rmd160", f"{hash1}-", f"{hash1}-sha1"):

@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ OTHER = "other.example.org"
 PR_SET_CHILD_SUBREAPER = 36
 MNT_DETACH = 2
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+# What cvmfs2 2.12.0 exits with after SIGTERM/SIGINT/SIGHUP (a clean unmount nonetheless).
+TERM_EXIT = 6
 FILES: dict[str, bytes | str | Symlink] = {
     "README": "hello from revision 1\n",
     "data/blob.bin": bytes(range(256)) * 300,
@@ -124,6 +127,8 @@ class Rig:
     mounts: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # The loader does not create its socket directory (CVMFS_RELOAD_SOCKETS).
+        (self.base / "run").mkdir()
         self.server = self.base / "srv"
         self.etc = self.base / "etc"
         self.wrapper = write_wrapper(self.base / "cvmfs2", env={"CVMFS_STANDIN_ETC": str(self.etc)})
@@ -185,8 +190,11 @@ class Rig:
         return Mounted(mp, pid, res)
 
     def stop(self, m: Mounted) -> int | None:
+        """SIGTERM to the serving process; its exit code (cvmfs2 2.12.0: 6, after a clean
+        unmount)."""
         os.kill(m.pid, signal.SIGTERM)
-        return wait_exit(m.pid, 10)
+        status = wait_exit(m.pid, 10)
+        return None if status is None else os.waitstatus_to_exitcode(status)
 
     def cleanup(self) -> None:
         for proc in self.procs:
@@ -300,15 +308,25 @@ def test_default_configuration_order_and_config_repository(rig: Rig) -> None:
 
 def test_command_line_errors(rig: Rig) -> None:
     cfg = rig.config()
-    assert rig.launch("-o", f"config={cfg}", FQRN, "/a", "/b").rc == 2
     assert rig.launch("-o", f"config={cfg}", FQRN).rc == 2
-    assert rig.launch("-o", f"config={cfg},libfuse=7", FQRN, str(rig.base)).rc == 1
+    res = rig.launch("-o", f"config={cfg},libfuse=7", FQRN, str(rig.base))
+    assert (res.rc, res.stderr) == (1, "Error: invalid libfuse version '7', valid values are "
+                                       "2 or 3.\n")
+    # A third positional goes to libfuse: the second is still the mountpoint, checked as
+    # such, and libfuse refuses the third once the boot is done (measured with 2.12.0).
+    res = rig.launch("-o", f"config={cfg}", FQRN, "/a", "/b")
+    assert (res.rc, res.stderr) == (3, "Mount point /a does not exist\n")
+    mp = rig.mountpoint()
+    res = rig.launch("-o", rig.options(cfg), FQRN, str(mp), "extra")
+    assert res.rc == 4 and res.stdout == "CernVM-FS: loading Fuse module... done\n"
+    assert res.stderr == "fuse: unknown option(s): `extra'\nfailed to create Fuse session\n"
+    assert not mounted(mp)
 
 
 def test_missing_mountpoint(rig: Rig) -> None:
     res = rig.launch("-o", f"config={rig.config()}", FQRN, str(rig.base / "nope"))
     assert res.rc == 3
-    assert "does not exist" in res.stderr
+    assert res.stderr == f"Mount point {rig.base / 'nope'} does not exist\n"
 
 
 def test_missing_repository_is_a_catalog_failure(rig: Rig) -> None:
@@ -430,7 +448,17 @@ def test_mount_daemonizes_and_serves(rig: Rig) -> None:
     assert os.stat(mp / "README").st_ino == ino != os.stat(mp / "bin" / "hello").st_ino
     run = subprocess.run([str(mp / "bin" / "hello"), "world"], capture_output=True, text=True)
     assert run.stdout == "hello world\n"
-    assert os.statvfs(mp).f_namemax == 255
+    # As cvmfs: 512-byte blocks of the quota, the catalog's entries as files, no name length.
+    vfs = os.statvfs(mp)
+    assert (vfs.f_bsize, vfs.f_frsize, vfs.f_namemax, vfs.f_ffree) == (512, 512, 0, 0)
+    assert vfs.f_blocks == 1024 * 1024 * 1024 // 512  # the default quota, 1 GiB
+    assert vfs.f_files == 1 + len(os.listdir(mp)) + len(os.listdir(mp / "bin")) + len(
+        os.listdir(mp / "data")) + len(os.listdir(mp / "empty"))
+    # No `..` in the repository's root, everywhere else `.` and `..`.
+    assert subprocess.run(["ls", "-a", str(mp)], capture_output=True, text=True
+                          ).stdout.split()[:2] == [".", "README"]
+    assert subprocess.run(["ls", "-a", str(mp / "bin")], capture_output=True, text=True
+                          ).stdout.split() == [".", "..", "hello"]
     for write in (
         lambda: open(mp / "new", "w"),  # noqa: SIM115
         lambda: os.mkdir(mp / "dir"),
@@ -440,10 +468,14 @@ def test_mount_daemonizes_and_serves(rig: Rig) -> None:
             write()
         assert exc.value.errno == errno.EROFS
 
-    assert rig.stop(Mounted(mp, pid, res)) == 0
+    assert rig.stop(Mounted(mp, pid, res)) == TERM_EXIT
     assert not mounted(mp)
     assert not rig.talk_path().exists()
     assert not (rig.base / "run" / f"cvmfs.{FQRN}").exists()
+
+
+def xattr_of(path: Path, name: str) -> str:
+    return os.getxattr(path, name).decode()
 
 
 def test_magic_xattrs(rig: Rig) -> None:
@@ -458,6 +490,11 @@ def test_magic_xattrs(rig: Rig) -> None:
         "user.hitrate", "user.rx", "user.speed",
     }  # fmt: skip
     assert wanted <= listed
+    # cvmfs 2.12.0 lists every name twice, and a few repository-wide ones on the root.
+    raw = os.listxattr(mp)
+    assert len(raw) == 2 * len(listed)
+    assert {"user.catalog_counters", "user.repo_counters", "user.proxy_list"} <= listed
+    assert "regular,3\n" in xattr_of(mp, "user.repo_counters")
 
     def xattr(path: Path, name: str) -> str:
         return os.getxattr(path, name).decode()
@@ -479,6 +516,9 @@ def test_magic_xattrs(rig: Rig) -> None:
         assert xattr(mp, name).isdigit()
     content_hash = hashlib.sha1(FILES["data/blob.bin"]).hexdigest()  # type: ignore[arg-type]
     assert xattr(mp / "data" / "blob.bin", "user.hash") == content_hash
+    # The local hash is that of the cached copy: none before the first open.
+    assert xattr(mp / "data" / "blob.bin", "user.lhash") == "Not in cache"
+    (mp / "data" / "blob.bin").read_bytes()
     assert xattr(mp / "data" / "blob.bin", "user.lhash") == content_hash
     assert xattr(mp / "data" / "blob.bin", "user.chunks") == "1"
     assert os.listxattr(mp / "README") == []  # magic attributes are listed on the root only
@@ -486,7 +526,7 @@ def test_magic_xattrs(rig: Rig) -> None:
         with pytest.raises(OSError) as exc:
             os.getxattr(path, name)
         assert exc.value.errno == errno.ENODATA
-    assert rig.stop(m) == 0
+    assert rig.stop(m) == TERM_EXIT
 
 
 def test_talk_socket(rig: Rig) -> None:
@@ -510,11 +550,16 @@ def test_talk_socket(rig: Rig) -> None:
     assert replies["revision"] == "1\n"
     assert replies["version"] == "2.12.0 (CernVM-FS Fuse Module)\n2.12.0 (Loader)\n"
     blob = len(FILES["data/blob.bin"])
-    assert replies["cache size"].startswith(f"Current cache size is 0MB ({blob} Bytes)")
-    assert replies["cache instance"] == (
-        f"Posix cache manager (cache directory: {rig.cache}/{FQRN})\n"
-    )
-    assert replies["cleanup 0"] == "OK\n"
+    # The blob, and the catalog, which stays pinned while it is loaded.
+    pinned = int(replies["cache size"].split("pinned: 0MB (")[1].split()[0])
+    assert pinned > 0
+    assert replies["cache size"] == (
+        f"Current cache size is 0MB ({blob + pinned} Bytes), pinned: 0MB ({pinned} Bytes)\n")
+    # Named relative to cvmfs2's working directory, the workspace.
+    assert replies["cache instance"] == "Posix cache manager (cache directory: .)\n"
+    # The loaded catalog is pinned: nothing cleans the cache completely.
+    assert replies["cleanup 0"] == "Not fully cleaned (there might be pinned chunks)\n"
+    assert talk(sock, "cleanup rate 5") == "1\n"
     assert replies["remount"] == replies["remount sync"] == "Catalog up to date\n"
     assert replies["host info"].endswith(f"Active host 0: file://{rig.server}/{FQRN}\n")
     assert replies["proxy info"] == "Load-balance groups:\n[0] DIRECT\nActive proxy: [0] DIRECT\n"
@@ -522,7 +567,7 @@ def test_talk_socket(rig: Rig) -> None:
     assert "CVMFS_HTTP_PROXY=DIRECT    # from " in replies["parameters"]
     assert replies["frobnicate"] == "unknown command\n"
     assert talk(sock, "pid\n") == "unknown command\n"  # the command is taken verbatim
-    assert rig.stop(m) == 0
+    assert rig.stop(m) == TERM_EXIT
 
 
 def test_remount_applies_a_new_revision(rig: Rig) -> None:
@@ -543,7 +588,7 @@ def test_remount_applies_a_new_revision(rig: Rig) -> None:
         # An open file keeps its revision, as cvmfs drains old catalogs.
         assert still_open.read() == FILES["README"]
     assert talk(rig.talk_path(), "remount") == "Catalog up to date\n"
-    assert rig.stop(m) == 0
+    assert rig.stop(m) == TERM_EXIT
 
 
 def test_pinned_revisions(rig: Rig) -> None:
@@ -566,7 +611,7 @@ def test_pinned_revisions(rig: Rig) -> None:
         assert (mp / "README").read_text() == expected
         # A pinned catalog never moves.
         assert talk(rig.talk_path(), "remount sync") == "Catalog up to date\n"
-        assert rig.stop(m) == 0
+        assert rig.stop(m) == TERM_EXIT
 
     history, catalog = "(22 - history init failure)\n", "(16 - file catalog failure)\n"
     failures = [
@@ -574,13 +619,24 @@ def test_pinned_revisions(rig: Rig) -> None:
         ({"CVMFS_REPOSITORY_DATE": "2023-01-01T00:00:00Z"}, 22, history),
         ({"CVMFS_REPOSITORY_DATE": "yesterday"}, 22, history),
         # A fixed root hash is loaded without the history: unknown means no catalog.
-        ({"CVMFS_ROOT_HASH": "0" * 40}, 16, f"Failed to initialize root file catalog {catalog}"),
+        ({"CVMFS_ROOT_HASH": "1" * 40}, 16, f"Failed to initialize root file catalog {catalog}"),
+        ({"CVMFS_ROOT_HASH": "g" * 40}, 16, f"Failed to initialize root file catalog {catalog}"),
     ]
     for params, code, message in failures:
         res = rig.launch("-o", rig.options(rig.config(**params)), FQRN, str(mp))
         assert res.rc == code, (params, res)
         assert res.stderr.endswith(message)
+    res = rig.launch("-o", rig.options(rig.config(CVMFS_REPOSITORY_DATE="2001-01-01T00:00:00Z")),
+                     FQRN, str(mp))
+    assert res.stderr == ("no repository state as early as utc timestamp 1 Jan 2001 00:00:00 "
+                          f"{history}")
     assert not mounted(mp)
+    # Forty zeros, or anything not a hash by its length, is the null hash: no pin at all.
+    for null in ("0" * 40, "xyz"):
+        m = rig.mount(mountpoint=mp, CVMFS_ROOT_HASH=null)
+        assert os.getxattr(mp, "user.revision") == b"2"
+        assert os.getxattr(mp, "user.expires") != b"never (fixed root catalog)"
+        assert rig.stop(m) == TERM_EXIT
 
 
 def test_second_mount_of_the_same_repository(rig: Rig) -> None:
@@ -601,14 +657,14 @@ def test_second_mount_of_the_same_repository(rig: Rig) -> None:
     with pytest.raises(subprocess.TimeoutExpired):
         waiting.wait(1.0)
     assert not mounted(mp2)
-    assert rig.stop(m) == 0
+    assert rig.stop(m) == TERM_EXIT
     assert waiting.wait(20) == 0
     assert mounted(mp2)
     second = Mounted(mp2, int(talk(rig.talk_path(), "pid")), Launch(0, "", "", waiting.pid))
     rig.pids.append(second.pid)
     assert (mp2 / "README").read_text() == FILES["README"]
-    assert rig.stop(second) == 0
-    assert rig.stop(other) == 0
+    assert rig.stop(second) == TERM_EXIT
+    assert rig.stop(other) == TERM_EXIT
 
 
 def test_external_umount_ends_the_daemon(rig: Rig) -> None:
@@ -652,7 +708,7 @@ def test_foreground(rig: Rig) -> None:
     assert int(talk(rig.talk_path(), "pid")) == proc.pid
     assert (mp / "README").read_text() == FILES["README"]
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
+    assert proc.wait(10) == TERM_EXIT
     assert not mounted(mp)
 
 
@@ -684,12 +740,136 @@ def test_premounted_file_descriptor(rig: Rig) -> None:
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
 
 
-def test_credentials_and_grab_mountpoint(rig: Rig) -> None:
-    m = rig.mount(extra=("uid=1000", "gid=1001", "grab_mountpoint", "system_mount"))
-    assert "CernVM-FS: running with credentials 1000:1001\n" in m.launch.stdout
-    sock = os.stat(rig.talk_path())
-    assert (sock.st_uid, sock.st_gid) == (1000, 1001)
-    assert (m.mountpoint / "README").read_text() == FILES["README"]
-    assert rig.stop(m) == 0
-    grabbed = os.stat(m.mountpoint)
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory other users can reach (pytest's own are 0700 root)."""
+    path = Path(tempfile.mkdtemp(prefix="standin-creds-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def owned_dirs(base: Path, uid: int, gid: int) -> dict[str, str]:
+    """A cache base and a reload socket directory for uid:gid, as the cvmfs package makes
+    /var/lib/cvmfs and /var/run/cvmfs for its user."""
+    for name in ("cache", "reload"):
+        (base / name).mkdir()
+        os.chown(base / name, uid, gid)
+    return {"CVMFS_CACHE_BASE": str(base / "cache"), "CVMFS_RELOAD_SOCKETS": str(base / "reload")}
+
+
+def premount(mp: Path) -> int:
+    """Mount /dev/fuse at mp as the parent does in the pre-mounted mode; the descriptor."""
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    data = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+    if libc.mount(b"cvmfs2", os.fsencode(mp), b"fuse", MS_RDONLY | MS_NODEV | MS_NOSUID,
+                  data) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, "mount")
+    return fd
+
+
+def test_credentials_and_grab_mountpoint(rig: Rig, open_dir: Path) -> None:
+    dirs = owned_dirs(open_dir, 1000, 1001)
+    cfg = rig.config(**dirs)
+    # Mounting itself, the dropped user needs /dev/fuse: where it is root's only, libfuse
+    # fails as in cvmfs2 (the mountpoint was grabbed before).
+    mp = rig.mountpoint("grabbed")
+    res = rig.launch("-o", rig.options(cfg, "uid=1000", "gid=1001", "grab_mountpoint",
+                                       "system_mount"), FQRN, str(mp))
+    grabbed = os.stat(mp)
     assert (grabbed.st_uid, grabbed.st_gid, stat.S_IMODE(grabbed.st_mode)) == (1000, 1001, 0o755)
+    if stat.S_IMODE(os.stat("/dev/fuse").st_mode) & 0o006 != 0o006:
+        assert res.rc == 4, res
+        assert res.stderr == ("fuse: failed to open /dev/fuse: Permission denied\n"
+                              "failed to mount file system\n")
+        assert not mounted(mp)
+    else:
+        assert res.rc == 0, res
+        rig.stop(Mounted(mp, int(talk(open_dir / "cache" / FQRN / f"cvmfs_io.{FQRN}", "pid")),
+                         res))
+    # Pre-mounted by its parent, it serves; what it made after dropping privileges belongs
+    # to the user.
+    mp = rig.mountpoint()
+    fd = premount(mp)
+    try:
+        res = rig.launch("-o", rig.options(cfg, "uid=1000", "gid=1001", "libfuse=3"), FQRN,
+                         f"/dev/fd/{fd}", pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert res.rc == 0, res
+    assert "CernVM-FS: running with credentials 1000:1001\n" in res.stdout
+    workspace = open_dir / "cache" / FQRN
+    m = Mounted(mp, int(talk(workspace / f"cvmfs_io.{FQRN}", "pid")), res)
+    rig.pids.append(m.pid)
+    for path in (workspace, workspace / f"cvmfs_io.{FQRN}", workspace / f"lock.{FQRN}",
+                 open_dir / "reload" / f"cvmfs.{FQRN}"):
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid) == (1000, 1001), path
+    assert (mp / "README").read_text() == FILES["README"]
+    assert rig.stop(m) == TERM_EXIT
+    umount(mp, MNT_DETACH)  # the parent owns a pre-mounted mount
+
+
+def test_credentials_the_user_lacks_fail_as_in_cvmfs(rig: Rig, open_dir: Path) -> None:
+    """Directories the dropped user cannot write to fail as they do for cvmfs2 2.12.0."""
+    mp = rig.mountpoint()
+    opts = ("uid=1000", "gid=1001")
+
+    def launch(**params: object) -> Launch:
+        return rig.launch("-o", rig.options(rig.config(**params), *opts), FQRN, str(mp))
+
+    dirs = owned_dirs(open_dir, 1000, 1001)
+    root_owned = open_dir / "root-owned"
+    root_owned.mkdir(mode=0o755)
+    cases = [
+        # The reload socket directory: root's, or missing (the loader creates neither).
+        ({**dirs, "CVMFS_RELOAD_SOCKETS": str(root_owned)}, 5,
+         "Failed to initialize loader socket\n"),
+        ({**dirs, "CVMFS_RELOAD_SOCKETS": str(open_dir / "nope")}, 5,
+         "Failed to initialize loader socket\n"),
+        # A cache base the user cannot write to, or cannot even reach (below a 0700 directory).
+        ({**dirs, "CVMFS_CACHE_BASE": str(root_owned)}, 9,
+         f"cannot create workspace directory {root_owned}/{FQRN} "
+         "(9 - cache directory/plugin problem)\n"),
+        ({**dirs, "CVMFS_CACHE_BASE": str(rig.base / "private")}, 9,
+         f"cannot create workspace directory {rig.base}/private/{FQRN} "
+         "(9 - cache directory/plugin problem)\n"),
+    ]
+    for params, code, message in cases:
+        res = launch(**params)
+        assert (res.rc, res.stderr) == (code, message), params
+        assert "CernVM-FS: running with credentials 1000:1001\n" in res.stdout
+    # A workspace left behind by root: it cannot lock it.
+    (root_owned / FQRN).mkdir(mode=0o755)
+    res = launch(**{**dirs, "CVMFS_CACHE_BASE": str(root_owned)})
+    assert (res.rc, res.stderr) == (9, "could not acquire workspace lock (13) "
+                                       "(9 - cache directory/plugin problem)\n")
+    assert not mounted(mp)
+
+
+def test_missing_reload_socket_directory(rig: Rig) -> None:
+    """The loader does not create CVMFS_RELOAD_SOCKETS: exit 5 before anything else."""
+    mp = rig.mountpoint()
+    cfg = rig.config(CVMFS_RELOAD_SOCKETS=str(rig.base / "no-such-dir"))
+    res = rig.launch("-o", rig.options(cfg), FQRN, str(mp))
+    assert (res.rc, res.stdout, res.stderr) == (5, "", "Failed to initialize loader socket\n")
+    assert not (rig.base / "no-such-dir").exists()
+    assert not mounted(mp)
+
+
+def test_unreachable_server_mounts_what_the_cache_has(rig: Rig) -> None:
+    m = rig.mount()
+    assert (m.mountpoint / "README").read_text() == FILES["README"]
+    assert rig.stop(m) == TERM_EXIT
+    # The server is gone: the revision last seen comes from the cache, as with cvmfs.
+    gone = {"CVMFS_SERVER_URL": "http://127.0.0.1:9/@fqrn@"}
+    m = rig.mount(**gone)
+    assert (m.mountpoint / "README").read_text() == FILES["README"]
+    assert os.getxattr(m.mountpoint, "user.revision") == b"1"
+    assert rig.stop(m) == TERM_EXIT
+    # Without a cache, nothing to mount.
+    shutil.rmtree(rig.cache)
+    res = rig.launch("-o", rig.options(rig.config(**gone)), FQRN, str(m.mountpoint))
+    assert res.rc == 16 and not mounted(m.mountpoint)

@@ -52,7 +52,7 @@ def test_backoff_and_crash_loop() -> None:
 
 def test_crash_loop_backoff_is_not_reset_by_a_successful_boot() -> None:
     reg = Registry(2.0, 300.0, restart_window=60.0, restart_burst=1)
-    repo = reg.add("a.b")
+    repo = reg.candidate("a.b")
     from cvmfsd.errors import BackendDied
 
     async def scenario() -> list[float]:
@@ -123,10 +123,10 @@ def run_ops(fn: Any, **cfg: Any) -> Any:
     run_dir = Path(tempfile.mkdtemp(prefix="cvmfsd-units-"))
 
     async def main() -> Any:
-        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, backoff_max=300.0,
-                        run_dir=run_dir,
+        # No root is mounted: each boot's mount at <root>/<name> fails, like a failing cvmfs2.
+        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, backoff_max=600.0,
+                        run_dir=run_dir, root=run_dir / "no-root",
                         snapshot_dir=run_dir / "snapshots", **cfg)
-        config.staging_dir.mkdir()
         registry = Registry(config.backoff_initial, config.backoff_max)
         children = Children()
         mounter = Mounter(config, registry, children)
@@ -177,12 +177,13 @@ def test_lookup_replies_at_once_with_a_stable_identity() -> None:
         with pytest.raises(pyfuse3.FUSEError) as exc:
             await ops.lookup(first.st_ino, b"README", Ctx(1))
         assert exc.value.errno == errno.ESTALE
-        # Anyone else waits for the boot's outcome: /bin/false fails, so EIO, remembered.
+        # Anyone else waits for the boot's outcome: with no root mounted here, the mount at
+        # <root>/<name> fails, so EIO, remembered.
         with pytest.raises(pyfuse3.FUSEError) as exc, trio.fail_after(10):
             await ops.getattr(first.st_ino, Ctx(1))
         assert exc.value.errno == errno.EIO
         assert repo.state is State.FAILED and repo.last_error is not None
-        assert repo.last_error.exit_code == 1
+        assert repo.last_error.message.startswith("mount of sft.cern.ch failed")
         # In backoff: the next LOOKUP fails at once and starts nothing.
         with pytest.raises(pyfuse3.FUSEError):
             await ops.lookup(ROOT_INODE, b"sft.cern.ch", Ctx(1))
@@ -228,10 +229,10 @@ def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> 
     cfg = Config(cvmfs2=Path("/usr/bin/cvmfs2"), snapshot_dir=tmp_path / "snap")
     pin_file = backend.write_pin_config(cfg, "sft.cern.ch@tag=v1", Pin("tag", "v1"))
     assert "CVMFS_REPOSITORY_TAG=v1\n" in pin_file.read_text()
-    argv = backend.argv(cfg, "sft.cern.ch", Path("/staging/x"), pin_file, etc=etc)
+    argv = backend.argv(cfg, "sft.cern.ch", 5, pin_file, etc=etc)
     files = argv[2].split("config=")[1].split(":")
     assert files == [str(etc / p) for p in (
         "default.conf", "default.d/10-a.conf", "default.d/50-site.conf", "default.local",
         "domain.d/cern.ch.conf", "config.d/sft.cern.ch.local")] + [str(pin_file)]
     # Without a pin, the node hierarchy is cvmfs2's own business: no config= at all.
-    assert "config=" not in backend.argv(cfg, "sft.cern.ch", Path("/staging/x"), etc=etc)[2]
+    assert "config=" not in backend.argv(cfg, "sft.cern.ch", 5, etc=etc)[2]

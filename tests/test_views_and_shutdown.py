@@ -32,6 +32,7 @@ def test_pod_view_made_before_mount_sees_it(daemon: Daemon) -> None:
 def test_sigterm_leaves_nothing(daemon: Daemon) -> None:
     for repo in ("alice.cern.ch", "atlas.cern.ch", "sft.cern.ch"):
         assert (daemon.path(repo) / "README").exists()
+    daemon.wait_mounted("alice.cern.ch", "atlas.cern.ch", "sft.cern.ch")
     # One repository is busy at shutdown: a process keeps its cwd inside.
     busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                             cwd=daemon.path("sft.cern.ch"))

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..common import percentile, run_worker, summary
 from ..systems import Cvmfsd, Direct
-from ..workspace import COLD_FILE, DOMAIN
+from ..workspace import DOMAIN
 from . import Context, ms, rotated, started
 
 
@@ -45,7 +45,7 @@ def run(ctx: Context) -> dict[str, Any]:
             for name in rotated(names, i):
                 system = systems[name]
                 repo = repos[(i, name)]
-                path = system.path(repo) / COLD_FILE
+                path = system.path(repo) / ctx.ws.cold_file
                 boot = 0.0
                 if isinstance(system, Direct):
                     boot = ms(system.mount(repo))
@@ -101,7 +101,7 @@ def run(ctx: Context) -> dict[str, Any]:
             per_system[name]["overhead_range_ms"] = [round(min(spread), 4),
                                                      round(max(spread), 4)] if spread else None
     return {
-        "params": {"reps": reps, "file": COLD_FILE, "order": "rotated per repetition"},
+        "params": {"reps": reps, "file": ctx.ws.cold_file, "order": "rotated per repetition"},
         "backend_boot_ms": summary(boot_ms),
         "direct_first_stat_ms": summary(first_stat_ms),
         "cvmfsd_logged_mount_ms": summary(mount_log_ms),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common import MS_SHARED, PY, mount, stop_process, summary, umount_below
-from ..workspace import COLD_FILE, DOMAIN
+from ..workspace import DOMAIN
 from . import Context, ms, started
 
 
@@ -43,7 +43,7 @@ def run(ctx: Context) -> dict[str, Any]:
                                                    "repository_cold": []}
     with started(ctx, ["cvmfsd"], "csi") as systems:
         daemon = systems["cvmfsd"]
-        os.stat(daemon.path(warm_repo) / COLD_FILE)
+        os.stat(daemon.path(warm_repo) / ctx.ws.cold_file)
         kubelet = ctx.ws.base / "csi" / "kubelet"
         kubelet.mkdir(parents=True, exist_ok=True)
         mount("tmpfs", kubelet, "tmpfs", 0, "size=16m,mode=755")

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from ..workspace import COLD_FILE, DOMAIN
+from ..workspace import DOMAIN
 from . import Context, started
 
 
@@ -59,7 +59,7 @@ def run(ctx: Context) -> dict[str, Any]:
             for count in counts:
                 while len(mounted) < count:
                     repo = ctx.ws.tiny(f"fp{len(mounted):03d}-{name}.{DOMAIN}")
-                    os.stat(system.path(repo) / COLD_FILE)
+                    os.stat(system.path(repo) / ctx.ws.cold_file)
                     system.note_serving_pid(repo)
                     mounted.append(repo)
                 time.sleep(0.2 if ctx.quick else 2.0)  # let the mount settle (threads, logs)

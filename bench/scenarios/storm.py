@@ -20,7 +20,7 @@ from typing import Any
 
 from ..common import Worker, percentile, summary
 from ..systems import Direct
-from ..workspace import COLD_FILE, DOMAIN
+from ..workspace import DOMAIN
 from . import Context, ms, rotated, started
 
 
@@ -56,7 +56,7 @@ def _automounter(ctx: Context, name: str, rep: int, repos: list[str]) -> dict[st
     procs = ctx.sizes.storm_procs
     with started(ctx, [name], f"storm{rep}") as systems:
         system = systems[name]
-        paths = [str(system.path(r) / COLD_FILE) for r in repos]
+        paths = [str(system.path(r) / ctx.ws.cold_file) for r in repos]
         read_end, write_end = os.pipe()
         workers: list[Worker] = []
         try:

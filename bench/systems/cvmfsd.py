@@ -32,7 +32,7 @@ class Cvmfsd(System):
         values: dict[str, Any] = {
             "root": str(self.mount_dir), "run_dir": str(self.run_dir),
             "cvmfs2": str(self.backend.cvmfs2),
-            "cvmfs2_config": [str(self.backend.client_config)],
+            "cvmfs2_config": [str(p) for p in self.backend.configs],
             "log_format": "json", "expire_timeout": 0,
         }
         values.update(self.overrides)

@@ -79,4 +79,5 @@ class Direct(System):
 
     def info(self) -> dict[str, object]:
         return {"name": self.name, "how": "cvmfs2 -o " + self.backend.options().replace(
-            str(self.backend.client_config), "<client.conf>") + " <fqrn> <mountpoint>"}
+            str(self.backend.client_config), "<client.conf>") + " <fqrn> <mountpoint>",
+            "backend": str(self.ws.real.cvmfs2) if self.ws.real else "stand-in"}

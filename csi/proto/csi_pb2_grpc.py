@@ -247,6 +247,26 @@ class ControllerStub:
                 request_serializer=csi_dot_proto_dot_csi__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=csi_dot_proto_dot_csi__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/csi.v1.Controller/GetSnapshot',
+                request_serializer=csi_dot_proto_dot_csi__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.GetSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ControllerExpandVolume = channel.unary_unary(
+                '/csi.v1.Controller/ControllerExpandVolume',
+                request_serializer=csi_dot_proto_dot_csi__pb2.ControllerExpandVolumeRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.ControllerExpandVolumeResponse.FromString,
+                _registered_method=True)
+        self.ControllerGetVolume = channel.unary_unary(
+                '/csi.v1.Controller/ControllerGetVolume',
+                request_serializer=csi_dot_proto_dot_csi__pb2.ControllerGetVolumeRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.ControllerGetVolumeResponse.FromString,
+                _registered_method=True)
+        self.ControllerModifyVolume = channel.unary_unary(
+                '/csi.v1.Controller/ControllerModifyVolume',
+                request_serializer=csi_dot_proto_dot_csi__pb2.ControllerModifyVolumeRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.ControllerModifyVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -318,6 +338,30 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControllerExpandVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControllerGetVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControllerModifyVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +419,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=csi_dot_proto_dot_csi__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=csi_dot_proto_dot_csi__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.GetSnapshotResponse.SerializeToString,
+            ),
+            'ControllerExpandVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControllerExpandVolume,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.ControllerExpandVolumeRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.ControllerExpandVolumeResponse.SerializeToString,
+            ),
+            'ControllerGetVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControllerGetVolume,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.ControllerGetVolumeRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.ControllerGetVolumeResponse.SerializeToString,
+            ),
+            'ControllerModifyVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControllerModifyVolume,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.ControllerModifyVolumeRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.ControllerModifyVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -684,6 +748,430 @@ class Controller:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Controller/GetSnapshot',
+            csi_dot_proto_dot_csi__pb2.GetSnapshotRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.GetSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControllerExpandVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Controller/ControllerExpandVolume',
+            csi_dot_proto_dot_csi__pb2.ControllerExpandVolumeRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.ControllerExpandVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControllerGetVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Controller/ControllerGetVolume',
+            csi_dot_proto_dot_csi__pb2.ControllerGetVolumeRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.ControllerGetVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControllerModifyVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Controller/ControllerModifyVolume',
+            csi_dot_proto_dot_csi__pb2.ControllerModifyVolumeRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.ControllerModifyVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class GroupControllerStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GroupControllerGetCapabilities = channel.unary_unary(
+                '/csi.v1.GroupController/GroupControllerGetCapabilities',
+                request_serializer=csi_dot_proto_dot_csi__pb2.GroupControllerGetCapabilitiesRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.GroupControllerGetCapabilitiesResponse.FromString,
+                _registered_method=True)
+        self.CreateVolumeGroupSnapshot = channel.unary_unary(
+                '/csi.v1.GroupController/CreateVolumeGroupSnapshot',
+                request_serializer=csi_dot_proto_dot_csi__pb2.CreateVolumeGroupSnapshotRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.CreateVolumeGroupSnapshotResponse.FromString,
+                _registered_method=True)
+        self.DeleteVolumeGroupSnapshot = channel.unary_unary(
+                '/csi.v1.GroupController/DeleteVolumeGroupSnapshot',
+                request_serializer=csi_dot_proto_dot_csi__pb2.DeleteVolumeGroupSnapshotRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.DeleteVolumeGroupSnapshotResponse.FromString,
+                _registered_method=True)
+        self.GetVolumeGroupSnapshot = channel.unary_unary(
+                '/csi.v1.GroupController/GetVolumeGroupSnapshot',
+                request_serializer=csi_dot_proto_dot_csi__pb2.GetVolumeGroupSnapshotRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.GetVolumeGroupSnapshotResponse.FromString,
+                _registered_method=True)
+
+
+class GroupControllerServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def GroupControllerGetCapabilities(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVolumeGroupSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolumeGroupSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVolumeGroupSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GroupControllerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GroupControllerGetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GroupControllerGetCapabilities,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.GroupControllerGetCapabilitiesRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.GroupControllerGetCapabilitiesResponse.SerializeToString,
+            ),
+            'CreateVolumeGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVolumeGroupSnapshot,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.CreateVolumeGroupSnapshotRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.CreateVolumeGroupSnapshotResponse.SerializeToString,
+            ),
+            'DeleteVolumeGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolumeGroupSnapshot,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.DeleteVolumeGroupSnapshotRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.DeleteVolumeGroupSnapshotResponse.SerializeToString,
+            ),
+            'GetVolumeGroupSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVolumeGroupSnapshot,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.GetVolumeGroupSnapshotRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.GetVolumeGroupSnapshotResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'csi.v1.GroupController', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('csi.v1.GroupController', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GroupController:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GroupControllerGetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.GroupController/GroupControllerGetCapabilities',
+            csi_dot_proto_dot_csi__pb2.GroupControllerGetCapabilitiesRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.GroupControllerGetCapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVolumeGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.GroupController/CreateVolumeGroupSnapshot',
+            csi_dot_proto_dot_csi__pb2.CreateVolumeGroupSnapshotRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.CreateVolumeGroupSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolumeGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.GroupController/DeleteVolumeGroupSnapshot',
+            csi_dot_proto_dot_csi__pb2.DeleteVolumeGroupSnapshotRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.DeleteVolumeGroupSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVolumeGroupSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.GroupController/GetVolumeGroupSnapshot',
+            csi_dot_proto_dot_csi__pb2.GetVolumeGroupSnapshotRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.GetVolumeGroupSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SnapshotMetadataStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetMetadataAllocated = channel.unary_stream(
+                '/csi.v1.SnapshotMetadata/GetMetadataAllocated',
+                request_serializer=csi_dot_proto_dot_csi__pb2.GetMetadataAllocatedRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.GetMetadataAllocatedResponse.FromString,
+                _registered_method=True)
+        self.GetMetadataDelta = channel.unary_stream(
+                '/csi.v1.SnapshotMetadata/GetMetadataDelta',
+                request_serializer=csi_dot_proto_dot_csi__pb2.GetMetadataDeltaRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.GetMetadataDeltaResponse.FromString,
+                _registered_method=True)
+
+
+class SnapshotMetadataServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def GetMetadataAllocated(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMetadataDelta(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SnapshotMetadataServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetMetadataAllocated': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetMetadataAllocated,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.GetMetadataAllocatedRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.GetMetadataAllocatedResponse.SerializeToString,
+            ),
+            'GetMetadataDelta': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetMetadataDelta,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.GetMetadataDeltaRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.GetMetadataDeltaResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'csi.v1.SnapshotMetadata', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('csi.v1.SnapshotMetadata', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SnapshotMetadata:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetMetadataAllocated(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/csi.v1.SnapshotMetadata/GetMetadataAllocated',
+            csi_dot_proto_dot_csi__pb2.GetMetadataAllocatedRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.GetMetadataAllocatedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetadataDelta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/csi.v1.SnapshotMetadata/GetMetadataDelta',
+            csi_dot_proto_dot_csi__pb2.GetMetadataDeltaRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.GetMetadataDeltaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class NodeStub:
     """Missing associated documentation comment in .proto file."""
@@ -718,6 +1206,11 @@ class NodeStub:
                 '/csi.v1.Node/NodeGetVolumeStats',
                 request_serializer=csi_dot_proto_dot_csi__pb2.NodeGetVolumeStatsRequest.SerializeToString,
                 response_deserializer=csi_dot_proto_dot_csi__pb2.NodeGetVolumeStatsResponse.FromString,
+                _registered_method=True)
+        self.NodeExpandVolume = channel.unary_unary(
+                '/csi.v1.Node/NodeExpandVolume',
+                request_serializer=csi_dot_proto_dot_csi__pb2.NodeExpandVolumeRequest.SerializeToString,
+                response_deserializer=csi_dot_proto_dot_csi__pb2.NodeExpandVolumeResponse.FromString,
                 _registered_method=True)
         self.NodeGetCapabilities = channel.unary_unary(
                 '/csi.v1.Node/NodeGetCapabilities',
@@ -764,6 +1257,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NodeExpandVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NodeGetCapabilities(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -803,6 +1302,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.NodeGetVolumeStats,
                     request_deserializer=csi_dot_proto_dot_csi__pb2.NodeGetVolumeStatsRequest.FromString,
                     response_serializer=csi_dot_proto_dot_csi__pb2.NodeGetVolumeStatsResponse.SerializeToString,
+            ),
+            'NodeExpandVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeExpandVolume,
+                    request_deserializer=csi_dot_proto_dot_csi__pb2.NodeExpandVolumeRequest.FromString,
+                    response_serializer=csi_dot_proto_dot_csi__pb2.NodeExpandVolumeResponse.SerializeToString,
             ),
             'NodeGetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeGetCapabilities,
@@ -950,6 +1454,33 @@ class Node:
             '/csi.v1.Node/NodeGetVolumeStats',
             csi_dot_proto_dot_csi__pb2.NodeGetVolumeStatsRequest.SerializeToString,
             csi_dot_proto_dot_csi__pb2.NodeGetVolumeStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeExpandVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/csi.v1.Node/NodeExpandVolume',
+            csi_dot_proto_dot_csi__pb2.NodeExpandVolumeRequest.SerializeToString,
+            csi_dot_proto_dot_csi__pb2.NodeExpandVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,8 +79,8 @@ def start_plugin(
     """Start plugins (extra command-line arguments allowed); all are stopped by pid afterwards."""
     started: list[Plugin] = []
 
-    def start(*args: str, root: Path | None = None) -> Plugin:
-        plugin = Plugin(tmp_path, kubelet_dir, root or cvmfs_root.path, *args)
+    def start(*args: str, root: Path | None = None, topology: str = "host") -> Plugin:
+        plugin = Plugin(tmp_path, kubelet_dir, root or cvmfs_root.path, *args, topology=topology)
         started.append(plugin)
         return plugin.start()
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 REPOS = ("alpha.example.org", "beta.example.org", "gamma.example.org", "delta.example.org")
+# served by a FUSE process of its own, so that killing it leaves a dead (ENOTCONN) mount
+FUSE_REPO = "epsilon.example.org"
+TOPOLOGIES = ("host", "daemonset")
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -81,6 +85,33 @@ def unmount_tree(path: Path | str) -> None:
         raise RuntimeError(f"mounts left under {path}: {mounts_at_or_under(path)}")
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+    """Poll until predicate() is true (events, not durations, decide; the timeout only bounds a
+    failing test)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    """Until pid has exited (reaped here if it became our child: tests run as a subreaper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not exit")
+
+
 class LineReader:
     """Read lines from a child's stdout with a timeout (select on the raw fd)."""
 
@@ -115,6 +146,7 @@ class StandinRoot:
         self.path = tmp / "cvmfs"
         self.staging = tmp / "staging"
         self.repos = repos
+        self.fuse_repo = FUSE_REPO
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / "fakeroot.log"
 
@@ -126,7 +158,14 @@ class StandinRoot:
         mounts.mount(None, str(self.staging), None, mounts.MS_PRIVATE)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [PY, str(HERE / "fakeroot_fs.py"), str(self.path), str(self.staging), *self.repos],
+                [
+                    PY,
+                    str(HERE / "fakeroot_fs.py"),
+                    str(self.path),
+                    str(self.staging),
+                    *self.repos,
+                    f"{self.fuse_repo}:fuse",
+                ],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 env=env_with_repo(),
@@ -153,6 +192,18 @@ class StandinRoot:
         assert self.proc is not None
         stop_pid(self.proc, signal.SIGKILL)
 
+    def repo_pid(self, name: str) -> int | None:
+        """The pid of the process serving a FUSE repository (None before its first lookup)."""
+        pid_file = self.staging / f"{name}.pid"
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+    def kill_repo(self, name: str) -> None:
+        """SIGKILL the FUSE repository's process: its mount answers ENOTCONN from then on."""
+        pid = self.repo_pid(name)
+        assert pid is not None, f"{name} was never looked up"
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
     def pause(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
@@ -165,6 +216,11 @@ class StandinRoot:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGCONT)
+        pid = self.repo_pid(self.fuse_repo) if self.staging.exists() else None
+        if pid is not None:  # the fake root's child: stopped by the pid it recorded
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
         for entry in sorted(
             mounts.MountTable.read().under(str(self.path)),
             key=lambda e: e.mount_point,
@@ -181,7 +237,16 @@ class StandinRoot:
 class Plugin:
     """The CSI plugin as a real subprocess (python -m csi.main) on a unix socket."""
 
-    def __init__(self, tmp: Path, kubelet_dir: Path, cvmfs_root: Path, *args: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        kubelet_dir: Path,
+        cvmfs_root: Path,
+        *args: str,
+        topology: str = "host",
+    ) -> None:
+        assert topology in TOPOLOGIES
+        self.topology = topology
         self.dir = tmp / f"plugin-{uuid.uuid4().hex[:6]}"
         self.dir.mkdir()
         self.socket = self.dir / "csi.sock"
@@ -199,6 +264,9 @@ class Plugin:
             "--repository-timeout=5",
             *args,
         ]
+        if topology == "daemonset":
+            wrapper = [PY, str(HERE / "csi_nsplugin.py"), str(kubelet_dir), str(cvmfs_root), "--"]
+            self.argv = wrapper + self.argv
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
 

@@ -40,7 +40,23 @@ def url_to_dir(url: str) -> Path | None:
 
 
 def stringify_time(when: float) -> str:
-    return time.strftime("%d %b %Y %H:%M:%S", time.gmtime(when))
+    """cvmfs's StringifyTime: the day of the month without a leading zero."""
+    t = time.gmtime(when)
+    return f"{t.tm_mday} {time.strftime('%b %Y %H:%M:%S', t)}"
+
+
+HASH_SUFFIXES = ("", "-rmd160", "-shake128")
+
+
+def is_null_hash(value: str) -> bool:
+    """CVMFS_ROOT_HASH as cvmfs reads it (shash::MkFromHexPtr): a string that is not 40
+    characters plus a known suffix, or one of 40 zeros, is the null hash, i.e. no pin at all
+    (measured: `xyz` and forty `0` mount the live revision; forty `g` are exit 16)."""
+    for suffix in HASH_SUFFIXES:
+        digits = value[: len(value) - len(suffix)] if suffix else value
+        if (not suffix or value.endswith(suffix)) and len(digits) == 40:
+            return set(digits) == {"0"}
+    return True
 
 
 @dataclass
@@ -91,7 +107,9 @@ class Repository:
 
     def select(self, options: Options) -> Selection:
         """Pick the revision to serve, as MountPoint::CreateCatalogManager does."""
-        if options.is_defined("CVMFS_ROOT_HASH"):
+        if options.is_defined("CVMFS_ROOT_HASH") and not is_null_hash(
+            options.get("CVMFS_ROOT_HASH") or ""
+        ):
             # A fixed root catalog is loaded directly, without the history:
             # an unknown hash is a catalog failure, not a history failure.
             repo_dir, rev = self._find_root_hash(options.get("CVMFS_ROOT_HASH") or "")

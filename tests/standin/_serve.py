@@ -71,6 +71,19 @@ REGULAR_XATTRS = (
     "user.external_file",
 )
 SYMLINK_XATTRS = ("user.rawlink",)
+# Listed and readable on the root only: values that describe the whole repository.
+ROOT_XATTRS = (
+    "user.catalog_counters",
+    "user.external_host",
+    "user.external_timeout",
+    "user.logbuffer",
+    "user.proxy_list",
+    "user.proxy_list_external",
+    "user.repo_counters",
+    "user.repo_metainfo",
+)
+# The key of the revision's catalog among the cached objects (no path can be this).
+CATALOG = "\0catalog"
 
 
 @dataclass
@@ -107,6 +120,7 @@ class Stats:
     open_dirs: int = 0
     rx_bytes: int = 0
     transfer_ms: int = 0
+    cleanups: list[float] = field(default_factory=list)  # monotonic times of `cleanup` runs
     requests: int = 0
     # Objects "in the cache": (revision, path) -> size; pinned while open.
     cached: dict[tuple[int, str], int] = field(default_factory=dict)
@@ -122,6 +136,7 @@ class Server:
         self.repo = cfg.repository
         self.stats = Stats()
         self.pid = os.getpid()
+        self._entries: dict[int, int] = {}
         self._apply(cfg.selection)
         self._by_key: dict[tuple[int, str], int] = {}
         self._by_ino: dict[int, tuple[int, str]] = {}
@@ -130,6 +145,7 @@ class Server:
         self.root_names: set[bytes] = set()
         self._hashes: dict[tuple[int, str], str] = {}
         self._remount_lock = trio.Lock()
+        self.terminated = False  # ended by a signal, not by an unmount
 
     # -- revision -----------------------------------------------------------
     def _apply(self, sel: Selection) -> None:
@@ -139,6 +155,34 @@ class Server:
         self.tag = sel.tag
         self.fixed = sel.fixed
         self._set_deadline(sel.ttl)
+        self._load_catalog()
+
+    def _load_catalog(self) -> None:
+        """The revision's catalog goes into the cache, pinned while it is loaded (the previous
+        one stays cached, unpinned), as cvmfs does: `cache size` and `cleanup` show it."""
+        s = self.stats
+        for key in [k for k in s.pinned if k[1] == CATALOG]:
+            del s.pinned[key]
+        key = (self.revision, CATALOG)
+        if key not in s.cached:
+            # An SQLite catalog: 16 KiB of schema and about 96 bytes per entry (measured: 32
+            # entries, 19,456 bytes), downloaded compressed.
+            size = 16384 + 96 * self.catalog_entries()
+            s.cached[key] = size
+            s.n_download += 1
+            s.rx_bytes += size // 4
+            s.transfer_ms += 1
+        s.pinned[key] = 1
+
+    def catalog_entries(self) -> int:
+        """Entries of the loaded revision (directories, files, links; the root included)."""
+        count = self._entries.get(self.revision)
+        if count is None:
+            count = 1
+            for _dir, dirs, files in os.walk(self.tree(self.revision)):
+                count += len(dirs) + len(files)
+            self._entries[self.revision] = count
+        return count
 
     def _set_deadline(self, ttl: int) -> None:
         if self.fixed:
@@ -253,6 +297,10 @@ class Server:
             os.abort()
 
     # -- reports --------------------------------------------------------------
+    def cleanups_since(self, seconds: float) -> int:
+        since = time.monotonic() - seconds
+        return sum(1 for t in self.stats.cleanups if t >= since)
+
     def cache_size(self) -> int:
         return sum(self.stats.cached.values())
 
@@ -286,6 +334,8 @@ class Server:
         if name in HASH_XATTRS or name in REGULAR_XATTRS:
             if not stat.S_ISREG(st.st_mode):
                 return None
+            if name == "user.lhash" and key not in s.cached:
+                return "Not in cache"
             if name in HASH_XATTRS:
                 return self.content_hash(key)
             return {
@@ -299,6 +349,8 @@ class Server:
             if not stat.S_ISLNK(st.st_mode):
                 return None
             return os.readlink(self.path_of(key))
+        if name in ROOT_XATTRS:
+            return self.root_xattr(name) if key[1] == "" else None
         now = time.time()
         if name == "user.expires":
             if self.valid_until == INDEFINITE:
@@ -306,7 +358,7 @@ class Server:
             return str(int((self.valid_until - now) // 60))
         if name == "user.hitrate":
             if s.n_open == 0:
-                return "n/a"
+                return "0.000"
             return f"{100.0 * (1.0 - s.n_download / s.n_open):.3f}"
         if name == "user.speed":
             if s.transfer_ms == 0:
@@ -322,7 +374,8 @@ class Server:
             "user.inode_max": lambda: self.inode_max,
             "user.maxfd": self.max_fd,
             "user.nclg": lambda: 1,
-            "user.ncleanup24": lambda: 0 if self.quota_managed() else -1,
+            "user.ncleanup24": lambda: self.cleanups_since(24 * 3600)
+            if self.quota_managed() else -1,
             "user.ndiropen": lambda: s.n_dir_open,
             "user.ndownload": lambda: s.n_download,
             "user.nioerr": lambda: 0,
@@ -345,16 +398,54 @@ class Server:
         getter = simple.get(name)
         return None if getter is None else str(getter())
 
+    def root_xattr(self, name: str) -> str:
+        counters = self.counters()
+        table = "".join(f"{k},{v}\n" for k, v in sorted(counters.items()))
+        proxies = "".join(f"{p}\n" for group in self.cfg.proxy_groups for p in group)
+        return {
+            "user.catalog_counters": f"catalog_hash: {self.root_hash}\ncatalog_mountpoint: \n"
+                                     + table,
+            "user.external_host": "",
+            "user.external_timeout": str(self.timeouts()[1]),
+            "user.logbuffer": "",
+            "user.proxy_list": proxies,
+            "user.proxy_list_external": proxies,
+            "user.repo_counters": table,
+            "user.repo_metainfo": "manifest not available",
+        }[name]
+
+    def counters(self) -> dict[str, int]:
+        """The catalog's statistics counters, as user.repo_counters lists them."""
+        found = dict.fromkeys(("chunked", "chunked_size", "chunks", "dir", "external",
+                               "external_file_size", "file_size", "nested", "regular",
+                               "special", "symlink", "xattr"), 0)
+        for top, dirs, files in os.walk(self.tree(self.revision)):
+            found["dir"] += len(dirs)
+            for name in files:
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISLNK(st.st_mode):
+                    found["symlink"] += 1
+                elif stat.S_ISREG(st.st_mode):
+                    found["regular"] += 1
+                    found["file_size"] += st.st_size
+                else:
+                    found["special"] += 1
+        found["dir"] += 1  # the root
+        return found
+
     def xattr_names(self, key: tuple[int, str], st: os.stat_result) -> list[str]:
         visibility = self.cfg.xattr_visibility
         if visibility == "never" or (visibility == "rootonly" and key[1] != ""):
             return []
         names = list(BASE_XATTRS)
+        if key[1] == "":
+            names += ROOT_XATTRS
         if stat.S_ISREG(st.st_mode):
             names += HASH_XATTRS + REGULAR_XATTRS
         if stat.S_ISLNK(st.st_mode):
             names += SYMLINK_XATTRS
-        return sorted(names)
+        # cvmfs 2.12.0 lists every name twice (measured); listxattr callers see duplicates.
+        return sorted(names) * 2
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -453,8 +544,10 @@ class Operations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         self.srv.tick()
+        # As cvmfs_statfs: 512-byte blocks of the quota, the cache's use as used blocks, the
+        # catalogs' entries as files, and no name length (0).
         data = pyfuse3.StatvfsData()
-        block = 4096
+        block = 512
         capacity = max(self.srv.cfg.quota_limit_mb, 0) * 1024 * 1024
         used = self.srv.cache_size()
         data.f_bsize = block
@@ -462,10 +555,10 @@ class Operations(pyfuse3.Operations):
         data.f_blocks = capacity // block
         data.f_bfree = max(capacity - used, 0) // block
         data.f_bavail = data.f_bfree
-        data.f_files = self.srv.inode_max
+        data.f_files = self.srv.catalog_entries()
         data.f_ffree = 0
         data.f_favail = 0
-        data.f_namemax = 255
+        data.f_namemax = 0
         return data
 
     # -- directories ----------------------------------------------------------
@@ -478,7 +571,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = (key, [b".", b"..", *names])
+        # cvmfs lists `..` everywhere but in the repository's root (2.12.0, measured).
+        dots = [b"."] if key[1] == "" else [b".", b".."]
+        self._dirs[fh] = (key, [*dots, *names])
         self.srv.stats.n_dir_open += 1
         self.srv.stats.open_dirs += 1
         return fh
@@ -640,6 +735,7 @@ def _format_proxy_info(srv: Server) -> str:
 def _cleanup(srv: Server, megabytes: int) -> str:
     target = megabytes * 1024 * 1024
     s = srv.stats
+    s.cleanups.append(time.monotonic())
     for key in list(s.cached):
         if srv.cache_size() <= target:
             break
@@ -671,13 +767,15 @@ async def talk_reply(srv: Server, line: str) -> str:
             f"pinned: {pinned // mib}MB ({pinned} Bytes)\n"
         )
     if line == "cache instance":
-        return f"Posix cache manager (cache directory: {cfg.cache_dir})\n"
+        # cvmfs2 names it relative to its working directory, the workspace.
+        shown = "." if cfg.cache_dir == cfg.workspace else cfg.cache_dir
+        return f"Posix cache manager (cache directory: {shown})\n"
     if line.startswith("cleanup rate"):
         if not srv.quota_managed():
             return "Unsupported by this cache\n"
         if len(line) < 14:
             return "Usage: cleanup rate <period in mn>\n"
-        return "0\n"
+        return f"{srv.cleanups_since(60 * string_to_uint(line[13:]))}\n"
     if line.startswith("cleanup"):
         if not srv.quota_managed():
             return "Cache cannot trigger eviction\n"
@@ -747,6 +845,7 @@ async def _signals(srv: Server) -> None:
         if not _early_signal:
             async for _ in sigs:
                 break
+    srv.terminated = True
     pyfuse3.terminate()
 
 
@@ -770,4 +869,6 @@ def serve(srv: Server) -> int:
         for path in (srv.cfg.talk_path, srv.cfg.loader_path, srv.cfg.running_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-    return 0
+    # A signal ends the FUSE loop from outside, which cvmfs2 reports as its failure 6 (the
+    # unmount itself is clean); an unmount by someone else ends it normally.
+    return 6 if srv.terminated else 0

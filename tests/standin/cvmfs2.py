@@ -15,7 +15,9 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The helper modules live next to this script; nothing from the project.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +149,7 @@ class CmdLine:
     single_threaded: bool = False
     libfuse: str | None = None
     fuse_opts: list[str] = field(default_factory=list)
+    extra_positionals: list[str] = field(default_factory=list)
 
 
 def _premounted_fd(mountpoint: str) -> int | None:
@@ -233,12 +236,15 @@ def parse_cmdline(argv: list[str]) -> CmdLine | int:
                 cmd.premounted_fd = _premounted_fd(arg)
                 if cmd.premounted_fd is not None:
                     out(f"CernVM-FS: pre-mounted on file descriptor {cmd.premounted_fd}")
-    if not ok or len(positionals) != 2:
+    if not ok or len(positionals) < 2:
         usage(cmd.exe)
         return 2
-    cmd.fqrn, cmd.mountpoint = positionals
+    # The loader takes the first two; a third goes on to libfuse, which refuses it when the
+    # FUSE session is made, after the boot (measured with 2.12.0: exit 4).
+    cmd.fqrn, cmd.mountpoint = positionals[:2]
+    cmd.extra_positionals = positionals[2:]
     if cmd.libfuse is not None and cmd.libfuse not in ("2", "3"):
-        err(f"invalid libfuse version '{cmd.libfuse}', valid values are 2 or 3")
+        err(f"Error: invalid libfuse version '{cmd.libfuse}', valid values are 2 or 3.")
         return 1
     return cmd
 
@@ -319,6 +325,52 @@ def daemonize(keep: set[int]) -> None:
                 os.close(fd)
 
 
+# -- credentials -------------------------------------------------------------------
+
+_dropped: list[tuple[int, int]] = []
+
+
+@contextlib.contextmanager
+def credentials(cmd: CmdLine) -> Iterator[None]:
+    """Act as uid:gid (effective ids only) for what the real client does after it dropped its
+    privileges: files it makes belong to that user, and directories that user cannot write to
+    fail as they do for cvmfs2 (a missing or root-owned reload directory: exit 5; a cache base
+    or workspace it cannot write: exit 9). The serving process itself stays root (README)."""
+    if not (cmd.uid or cmd.gid) or os.geteuid() != 0:
+        yield
+        return
+    groups = os.getgroups()
+    os.setgroups([cmd.gid])
+    os.setegid(cmd.gid)
+    os.seteuid(cmd.uid)
+    _dropped.append((cmd.uid, cmd.gid))
+    try:
+        yield
+    finally:
+        _dropped.pop()
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
+@contextlib.contextmanager
+def credentials_restored() -> Iterator[None]:
+    """Root again for a moment, inside credentials()."""
+    if not _dropped:
+        yield
+        return
+    uid, gid = _dropped[-1]
+    groups = os.getgroups()
+    os.seteuid(0)
+    os.setegid(0)
+    try:
+        yield
+    finally:
+        os.setgroups(groups)
+        os.setegid(gid)
+        os.seteuid(uid)
+
+
 # -- boot --------------------------------------------------------------------------
 
 
@@ -373,6 +425,29 @@ def _lock_workspace(workspace: str, fqrn: str, mountpoint: str) -> int:
     return fd
 
 
+def _cached_selection(checksum: str, opts: Options) -> object | None:
+    """The revision a previous mount recorded in the cache (cvmfschecksum.<fqrn>), for a live
+    mount only: a pinned one needs the server's history."""
+    import _layout
+    from _repo import Selection
+
+    if _pinned(opts):
+        return None
+    try:
+        with open(checksum) as f:
+            revision, root_hash, repo_dir = f.read().strip().split(" ", 2)
+        if not _layout.revision_dir(Path(repo_dir), int(revision)).is_dir():
+            return None
+    except (OSError, ValueError):
+        return None
+    return Selection(Path(repo_dir), int(revision), root_hash, 0, "", False)
+
+
+def _pinned(opts: Options) -> bool:
+    return any(opts.is_defined(p) for p in ("CVMFS_ROOT_HASH", "CVMFS_REPOSITORY_TAG",
+                                             "CVMFS_REPOSITORY_DATE"))
+
+
 def _proxy_groups(opts: Options) -> list[list[str]]:
     groups = []
     for group in (opts.get("CVMFS_HTTP_PROXY") or "").split(";"):
@@ -401,7 +476,18 @@ def _fault_knobs(opts: Options) -> None:
 
 
 def boot(cmd: CmdLine, opts: Options) -> Booted:
-    """What the real client's fuse module does in its Init (before "done")."""
+    """What the real client's fuse module does in its Init (before "done"). The workspace and
+    cache files are made with the credentials cvmfs2 dropped to."""
+    # Imported while still root: the dropped user may not be able to read the interpreter's
+    # library (e.g. below /root).
+    import _layout  # noqa: F401
+    import _repo  # noqa: F401
+
+    with credentials(cmd):
+        return _boot(cmd, opts)
+
+
+def _boot(cmd: CmdLine, opts: Options) -> Booted:
     from _repo import CatalogError, HistoryError, Repository, host_chain
 
     workspace, cache_dir = _workspace(opts, cmd.fqrn)
@@ -450,12 +536,22 @@ def boot(cmd: CmdLine, opts: Options) -> Booted:
         raise BootFailure(23, "failed to discover HTTP proxy servers")
 
     repository = Repository(cmd.fqrn, host_chain(opts, cmd.fqrn))
+    checksum = f"{cache_dir}/cvmfschecksum.{cmd.fqrn}"
     try:
-        selection = repository.select(opts)
+        # The "server" is a local directory standing in for the network: read as root, as
+        # cvmfs2's HTTP requests do not depend on its credentials.
+        with credentials_restored():
+            selection = repository.select(opts)
     except CatalogError as exc:
-        raise BootFailure(16, str(exc)) from None
+        # No server answers: like cvmfs, mount the revision last seen, if the cache has it.
+        selection = _cached_selection(checksum, opts)
+        if selection is None:
+            raise BootFailure(16, str(exc)) from None
     except HistoryError as exc:
         raise BootFailure(22, str(exc)) from None
+    if not _pinned(opts):
+        with contextlib.suppress(OSError), open(checksum, "w") as f:
+            f.write(f"{selection.revision} {selection.root_hash} {selection.repo_dir}\n")
 
     talk_path = opts.get("CVMFS_TALK_SOCKET") or f"{workspace}/cvmfs_io.{cmd.fqrn}"
     try:
@@ -463,13 +559,6 @@ def boot(cmd: CmdLine, opts: Options) -> Booted:
     except OSError as exc:
         raise BootFailure(14, f"failed to initialize talk socket ({exc.errno})") from None
     talk_path = os.path.abspath(talk_path)
-
-    if cmd.uid or cmd.gid:
-        # Credentials are not really switched (see README); what the dropped
-        # user would have created is handed to it.
-        for path in (workspace, f"{workspace}/lock.{cmd.fqrn}", running_path, talk_path):
-            with contextlib.suppress(OSError):
-                os.chown(path, cmd.uid, cmd.gid)
 
     return Booted(
         workspace=workspace,
@@ -534,7 +623,7 @@ def main(argv: list[str]) -> int:
 
     premounted = cmd.premounted_fd is not None
     if not premounted and not os.path.isdir(cmd.mountpoint):
-        err(f"Moint point {cmd.mountpoint} does not exist")
+        err(f"Mount point {cmd.mountpoint} does not exist")
         return 3
 
     nfiles = opts.get("CVMFS_NFILES")
@@ -567,8 +656,10 @@ def main(argv: list[str]) -> int:
     reload_dir = canonical_path(opts.get("CVMFS_RELOAD_SOCKETS") or DEFAULT_RELOAD_SOCKETS)
     loader_path = f"{reload_dir}/cvmfs.{cmd.fqrn}"
     try:
-        os.makedirs(reload_dir, exist_ok=True)
-        loader_sock = make_socket(loader_path, 0o600)
+        # The loader does not create the directory: a missing one is exit 5, like a directory
+        # the dropped user cannot write to.
+        with credentials(cmd):
+            loader_sock = make_socket(loader_path, 0o600)
     except OSError:
         err("Failed to initialize loader socket")
         return 5
@@ -624,6 +715,19 @@ def main(argv: list[str]) -> int:
     )
     server = _serve.Server(cfg)
 
+    if cmd.extra_positionals:
+        err(f"fuse: unknown option(s): `{' '.join(cmd.extra_positionals)}'")
+        err("failed to create Fuse session")
+        return 4
+    if not premounted:
+        # The dropped user mounts itself: libfuse opens /dev/fuse with its credentials, which
+        # fails where the device is root's only (0600, as in many containers).
+        with credentials(cmd):
+            denied = not os.access("/dev/fuse", os.R_OK | os.W_OK, effective_ids=True)
+        if denied:
+            err("fuse: failed to open /dev/fuse: Permission denied")
+            err("failed to mount file system")
+            return 4
     before = fuse_fds()
     try:
         pyfuse3.init(_serve.Operations(server), cmd.mountpoint, _fuse_options(cmd, opts))
