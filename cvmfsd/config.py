@@ -109,8 +109,11 @@ class Config:
                                 restart=True)
     # DESIGN.md §5: a FUSE request the daemon has read is unkillable for the caller, so every
     # wait in a handler is bounded.
-    attach_wait: float = key(0.0, "seconds a request waits for an attach; 0 = mount_timeout "
-                             "+ 5")
+    attach_wait: float = key(0.0, "seconds a request in the root waits for a name's mount to "
+                             "be put in place, or an unmount to finish; 0 = mount_timeout + 5",
+                             doc="The mount is in place before cvmfs2 starts: from then on a "
+                                 "request waits in the kernel for cvmfs2, until the boot ends "
+                                 "(at most mount_timeout).")
     expire_timeout: float = key(
         300.0, "unmount a repository nobody opened anything in for this many seconds; 0 = "
         "never", section="Idle expiry and upkeep",

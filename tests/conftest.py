@@ -160,6 +160,12 @@ class Daemon:
                 raise AssertionError(f"not logged as mounted: {set(repos) - done}")
             time.sleep(0.02)
 
+    def wait_mounts(self, repo: str, count: int, timeout: float = 60) -> None:
+        """Until the daemon logged `count` successful mounts of repo (a remount is one more)."""
+        self.wait_for(f"{count} logged mounts of {repo}", lambda: sum(
+            1 for r in self.mount_attempts(repo) if r["result"] == "mounted") >= count,
+            timeout=timeout)
+
     def path(self, name: str) -> Path:
         return self.root / name
 

@@ -57,7 +57,7 @@ def test_lookup_during_a_slow_boot_does_not_wait(start_daemon) -> None:  # type:
     # The slow boot lasts until the test opens its gate, longer than anything below may take:
     # whatever waited for it could only finish after the gate opens (or at mount_timeout).
     d = start_daemon(mount_timeout=120.0, max_concurrent_boots=8)
-    gate = d.env.tmp / "open-slow"
+    gate = d.env.shared / "open-slow"  # where cvmfs2, dropped to its user, can look
     d.env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_GATE=str(gate))
     d.env.add_repo("slow.cern.ch")
     slow = subprocess.Popen([sys.executable, "-c", "import os,sys; os.stat(sys.argv[1])",
@@ -73,6 +73,7 @@ def test_lookup_during_a_slow_boot_does_not_wait(start_daemon) -> None:  # type:
     finally:
         gate.touch()
         assert slow.wait(timeout=120) == 0
+    d.wait_mounted("slow.cern.ch")
     assert [a["result"] for a in d.mount_attempts("slow.cern.ch")] == ["mounted"]
 
 

@@ -83,5 +83,6 @@ def test_failed_repository_retries_after_backoff(start_daemon) -> None:  # type:
             return False
 
     d.wait_for("the retry after the backoff", mounted)
+    d.wait_mounted("later.cern.ch")
     assert d.env.boots().count("later.cern.ch") == 2
     assert [a["result"] for a in d.mount_attempts("later.cern.ch")] == ["failed", "mounted"]

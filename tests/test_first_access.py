@@ -58,8 +58,10 @@ def test_first_access_by_execve(daemon: Daemon) -> None:
 def test_root_listing_shows_mounted_repositories(daemon: Daemon) -> None:
     assert os.listdir(daemon.root) == []
     assert (daemon.path("sft.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    daemon.wait_mounted("sft.cern.ch")
     assert os.listdir(daemon.root) == ["sft.cern.ch"]
     assert (daemon.path("cms.cern.ch") / "README").exists()
+    daemon.wait_mounted("cms.cern.ch")
     assert sorted(os.listdir(daemon.root)) == ["cms.cern.ch", "sft.cern.ch"]
 
 
@@ -77,6 +79,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
     pod = PodView(daemon.root, daemon.env.tmp / "pod")  # a namespace made before the lookup
     try:
         assert (path / "README").read_text() == DEMO_FILES["README"]  # LOOKUP, then the mount
+        daemon.wait_mounts(name, 1)
         nodeid = _nodeids(daemon.root)[name]
         assert pod.do("scandir", "")["inodes"] == {name: nodeid}
         # Listings (readdirplus) and fresh lookups after the mount: the same nodeid, and the
@@ -93,6 +96,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
         assert daemon.call("umount", name=name)["ok"]
         assert str(path) not in mounts_under(daemon.root) and name not in os.listdir(daemon.root)
         assert (path / "README").read_text() == DEMO_FILES["README"]
+        daemon.wait_mounts(name, 2)
         assert _nodeids(daemon.root) == {name: nodeid}
 
         # Its backend killed, healed on the next access: still the same nodeid.
@@ -101,6 +105,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
         daemon.wait_for("the heal", lambda: any(e["repo"] == name
                                                 for e in daemon.events("healed")))
         assert (path / "README").read_text() == DEMO_FILES["README"]
+        daemon.wait_mounts(name, 3)
         assert int(os.getxattr(path, "user.pid")) != pid
         assert _nodeids(daemon.root) == {name: nodeid}
         assert pod.do("scandir", "")["inodes"] == {name: nodeid}
@@ -109,6 +114,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
 
         # Another name: another nodeid.
         assert (daemon.path("cms.cern.ch") / "README").exists()
+        daemon.wait_mounted("cms.cern.ch")
         ids = _nodeids(daemon.root)
         assert ids[name] == nodeid and ids["cms.cern.ch"] != nodeid
     finally:

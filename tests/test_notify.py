@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import Daemon
+from conftest import Daemon, mounts_under
 
 from cvmfsd.notify import Notifier
 
@@ -251,7 +251,7 @@ def test_slow_boots_do_not_take_the_root(start_daemon, systemd: Systemd, monkeyp
     root keeps answering, the daemon is not degraded and the watchdog keeps being fed."""
     monkeypatch.setenv("WATCHDOG_USEC", "900000")
     d: Daemon = start_daemon(fuse_max_tasks=8, mount_timeout=120.0)
-    gate = d.env.tmp / "open-slow"
+    gate = d.env.shared / "open-slow"  # where cvmfs2, dropped to its user, can look
     d.env.add_repo("slow.cern.ch")
     d.env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_GATE=str(gate))
     systemd.wait_for(lambda m: "WATCHDOG" in m.fields)
@@ -266,7 +266,13 @@ def test_slow_boots_do_not_take_the_root(start_daemon, systemd: Systemd, monkeyp
 
     threads = [threading.Thread(target=reader) for _ in range(32)]
     try:
-        for t in threads:
+        # The first reader starts the boot; the others come once the repository's own mount
+        # is in place (the moment before it, requests wait in the root, shared out by
+        # requester: more than that share would rightly get EAGAIN).
+        threads[0].start()
+        d.wait_for("the repository's mount in place",
+                   lambda: str(d.path("slow.cern.ch")) in mounts_under(d.root))
+        for t in threads[1:]:
             t.start()
         d.wait_for("the boot held at its gate", lambda: d.call("status")["result"][
             "repositories"]["booting"] == 1)

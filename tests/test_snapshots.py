@@ -155,4 +155,5 @@ def test_root_hashes_with_an_algorithm_suffix(versioned: Env, start_daemon) -> N
         with pytest.raises(FileNotFoundError):
             os.stat(snap(d, f"hash={bad}"))
     assert versioned.boots().count(REPO) == 2  # the bad ones started nothing
+    d.wait_mounted(f"{REPO}@hash={hash1}-rmd160", f"{REPO}@hash={hash2}-shake128")
     assert len(d.mount_attempts()) == 2
