@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from . import __version__
+from . import __version__, config
 from .calls import BackendHung
 from .config import Config, ConfigError
 from .errors import MountError
@@ -36,12 +36,8 @@ log = structlog.get_logger("cvmfsd.admin")
 
 PROTOCOL_VERSION = 1
 # Keys read once at start (sockets bound, limiters sized, the root mounted, logging set up):
-# a reload that changes one of them is refused as a whole.
-RESTART_ONLY = frozenset({
-    "root", "run_dir", "control_socket", "admin_group", "metrics_listen", "fuse_max_tasks",
-    "max_concurrent_boots", "backoff_initial", "backoff_max", "restart_window", "restart_burst",
-    "log_level", "log_format", "stop_mode", "cvmfs2_user", "max_names",
-})
+# a reload that changes one of them is refused as a whole. Marked in the table of keys.
+RESTART_ONLY = config.RESTART_ONLY
 # Liveness checks run this often when systemd asks for no watchdog (for `status` and metrics).
 LIVENESS_PERIOD = 5.0
 # Seconds between attempts to start a service that failed to (e.g. the socket path in use).

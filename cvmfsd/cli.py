@@ -1,4 +1,9 @@
-"""`cvmfsd`: run the daemon (default), check a configuration, or run the built-in demo."""
+"""`cvmfsd`: run the daemon (default), check a configuration, or run the built-in demo.
+
+Every configuration key has a flag (generated from the table of keys in cvmfsd/config.py), and
+the flags may come before or after the command: `cvmfsd -c FILE check-config` and
+`cvmfsd check-config -c FILE` are the same.
+"""
 
 from __future__ import annotations
 
@@ -9,86 +14,129 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from . import __version__, config as config_mod, log, signals
 
+COMMANDS = ("run", "check-config", "demo")
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", type=Path, default=config_mod.DEFAULT_CONFIG_PATH,
-                        help="TOML configuration file (default: %(default)s; missing = defaults)")
-    parser.add_argument("--root", help="where the lazy root is served (default /cvmfs)")
-    parser.add_argument("--run-dir", help="runtime directory (default /run/cvmfsd)")
-    parser.add_argument("--cvmfs2", help="the cvmfs2 client binary (default /usr/bin/cvmfs2)")
-    parser.add_argument("--cvmfs2-config", action="append", metavar="FILE",
-                        help="pass only these cvmfs config files to cvmfs2 (repeatable); "
-                             "default: the node's /etc/cvmfs hierarchy")
-    parser.add_argument("--allow", action="append", metavar="GLOB",
-                        help="repository names to allow (repeatable; default '*')")
-    parser.add_argument("--deny", action="append", metavar="GLOB",
-                        help="repository names to deny (repeatable)")
-    parser.add_argument("--mount-timeout", type=float)
-    parser.add_argument("--max-concurrent-boots", type=int)
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["auto", "json", "console"])
-    # Node admin surface (cvmfsctl, metrics).
-    parser.add_argument("--control-socket", metavar="PATH",
-                        help="status socket for cvmfsctl (default <run-dir>/cvmfsd.sock)")
-    parser.add_argument("--admin-group", metavar="GROUP",
-                        help="group allowed to use the status socket besides root")
-    parser.add_argument("--metrics-listen", metavar="[HOST:]PORT",
-                        help="serve Prometheus metrics there (default off; host 127.0.0.1)")
-    parser.add_argument("--stop-mode", choices=["unmount", "handover"],
-                        help="what SIGTERM does (the systemd unit passes handover)")
+
+def _list_value(text: str) -> list[str]:
+    # A repeated list flag builds the list; an empty value clears it (`--deny=`), so that a
+    # flag can also take back what the file lists.
+    return [text] if text else []
+
+
+class _Extend(argparse.Action):
+    """Repeatable list flag: the values given on the command line replace the file's list."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None) or []
+        setattr(namespace, self.dest, [*current, *values])
+
+
+def _config_flags(suppress: bool) -> argparse.ArgumentParser:
+    """A parent parser with -c and one flag per key. suppress: values absent from argv leave
+    no attribute, so the same flags can be given before and after the command."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    p.add_argument("-c", "--config", type=Path, default=default,
+                   help=f"TOML configuration file (default: {config_mod.DEFAULT_CONFIG_PATH}; "
+                        "that one may be missing: then only the defaults and flags apply)")
+    group = p.add_argument_group("configuration keys (each wins over the file)")
+    for key in config_mod.KEYS:
+        shown = config_mod.toml_value(key.default)
+        tail = f" (default {shown}{'; restart only' if key.restart else ''})"
+        kwargs: dict[str, Any] = {"dest": key.name, "default": default,
+                                  "help": (key.help + tail).replace("%", "%%")}
+        if key.is_list:
+            kwargs.update(action=_Extend, type=_list_value, metavar=key.metavar,
+                          help=kwargs["help"] + "; repeatable, an empty value clears the list")
+        elif key.kind == "bool":
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif key.choices:
+            kwargs.update(choices=key.choices)
+        else:
+            kwargs.update(type={"float": float, "int": int}.get(key.kind, str),
+                          metavar=key.metavar)
+        group.add_argument(key.flag, **kwargs)
+    return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ["root", "run_dir", "cvmfs2", "cvmfs2_config", "allow", "deny", "mount_timeout",
-            "max_concurrent_boots", "log_level", "log_format", "control_socket",
-            "admin_group", "metrics_listen", "stop_mode"]
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return {k.name: getattr(args, k.name) for k in config_mod.KEYS
+            if getattr(args, k.name, None) is not None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvmfsd", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"cvmfsd {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    run_p = sub.add_parser("run", help="serve the root (the default command)")
-    _add_config_flags(run_p)
-    check_p = sub.add_parser("check-config", help="validate the configuration and print it")
-    _add_config_flags(check_p)
+def parser() -> argparse.ArgumentParser:
+    flags = _config_flags(suppress=True)
+    p = argparse.ArgumentParser(prog="cvmfsd", description=__doc__, parents=[flags],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cvmfsd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{run,check-config,demo}")
+    sub.add_parser("run", parents=[flags], help="serve the root (the default command)")
+    sub.add_parser("check-config", parents=[flags],
+                   help="validate the configuration and print it as TOML (nothing is mounted)")
     demo_p = sub.add_parser("demo", help="run the daemon on a temporary root with the cvmfs2 "
                                          "stand-in and demo repositories")
     demo_p.add_argument("--keep-going", action="store_true",
                         help="keep serving after the demo until Ctrl-C")
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in {"run", "check-config", "demo", "-h", "--help", "--version"}:
-        argv = ["run", *argv]  # `cvmfsd [flags]` runs the daemon
-    args = parser.parse_args(argv)
+    return p
 
-    if args.command == "demo":
+
+def check_config(loaded: config_mod.Loaded, path: Path) -> int:
+    """Print the configuration as TOML that can be pasted back into a file; say where each
+    value came from in comments (valid TOML too)."""
+    out = [f"# cvmfsd {__version__} check-config: valid."]
+    if loaded.file is None:
+        print(f"cvmfsd: note: {loaded.note}; the defaults and flags apply", file=sys.stderr)
+        out.append(f"# {loaded.note}; the defaults and flags apply.")
+    else:
+        out.append(f"# Read {path}.")
+    for key in config_mod.KEYS:
+        line = f"{key.name} = {config_mod.toml_value(getattr(loaded.cfg, key.name))}"
+        if key.name in loaded.from_flags:
+            line += f"  # from the flag {key.flag}"
+        elif key.name not in loaded.from_file:
+            line += "  # default"
+        out.append(line)
+    print("\n".join(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    command = args.command or "run"  # `cvmfsd [flags]` runs the daemon
+    if command == "demo":
+        if _overrides(args) or getattr(args, "config", None) is not None:
+            p.error("demo takes no configuration: it makes its own")
         from .demo import main as demo_main
         return demo_main(keep_going=args.keep_going)
+    path = getattr(args, "config", None) or config_mod.DEFAULT_CONFIG_PATH
+    overrides = _overrides(args)
     try:
-        cfg = config_mod.load(args.config, _overrides(args))
+        loaded = config_mod.load_verbose(path, overrides)
     except config_mod.ConfigError as exc:
         print(f"cvmfsd: {exc}", file=sys.stderr)
         return 2
-    if args.command == "check-config":
-        for key, value in sorted(vars(cfg).items()):
-            print(f"{key} = {value!r}")
-        return 0
+    if command == "check-config":
+        return check_config(loaded, path)
+    cfg = loaded.cfg
     log.configure(cfg.log_level, cfg.log_format)
+    if loaded.file is None:
+        structlog.get_logger("cvmfsd").warning("no_config_file", note=loaded.note)
     from .daemon import StartupError, StopMode, run
 
     signals.install_early()
     try:
         # The reloader re-reads the same file with the same flag overrides (cvmfsctl reload,
         # SIGHUP): flags keep winning over the file, as at start.
-        overrides = _overrides(args)
         mode = trio.run(functools.partial(
-            run, cfg, reloader=lambda: config_mod.load(args.config, overrides),
-            config_file=args.config))
+            run, cfg, reloader=lambda: config_mod.load(path, overrides), config_file=path))
     except StartupError as exc:
         print(f"cvmfsd: {exc}", file=sys.stderr)
         log.flush()
@@ -102,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         signals.block_for_exec()
         os.execv(sys.executable, [sys.executable, "-m", "cvmfsd", *sys.argv[1:]])
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,12 +22,11 @@ import os
 import socket
 import sys
 import time
-import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-DEFAULT_CONFIG = Path("/etc/cvmfsd/cvmfsd.toml")
+DEFAULT_CONFIG = Path("/etc/cvmfsd/cvmfsd.toml")  # = config.DEFAULT_CONFIG_PATH (tested)
 DEFAULT_SOCKET = Path("/run/cvmfsd/cvmfsd.sock")
 PROTOCOL_VERSION = 1
 MAX_REPLY = 64 * 1024 * 1024
@@ -50,20 +49,27 @@ class CtlError(Exception):
 # --- the socket ---------------------------------------------------------------------------------
 def socket_path(explicit: str | None, config: Path | None) -> Path:
     """--socket, then $CVMFSCTL_SOCKET, then the daemon's configuration file (control_socket or
-    run_dir), then the default."""
+    run_dir), then the default.
+
+    Only the default file may be missing, as for cvmfsd itself (the unit's ExecReload names it
+    with -c, and a node may run on the defaults). Any other file must exist, and a file that is
+    read must parse and hold values of the right types (CtlError otherwise, naming the file and
+    the key): a wrong guess would send the request to the default socket and report that
+    cvmfsd is not running."""
     if explicit:
         return Path(explicit)
     if os.environ.get("CVMFSCTL_SOCKET"):
         return Path(os.environ["CVMFSCTL_SOCKET"])
+    from . import config as config_mod
+
     path = config or DEFAULT_CONFIG
     try:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
-        values = {}
-    if isinstance(values.get("control_socket"), str) and values["control_socket"]:
+        values = config_mod.coerce(config_mod.read_file(path)[0])
+    except config_mod.ConfigError as exc:
+        raise CtlError(f"{path}: {exc}", {"code": "bad_config", "message": str(exc)}) from None
+    if values.get("control_socket"):
         return Path(values["control_socket"])
-    if isinstance(values.get("run_dir"), str) and values["run_dir"]:
+    if values.get("run_dir"):
         return Path(values["run_dir"]) / "cvmfsd.sock"
     return DEFAULT_SOCKET
 
@@ -460,8 +466,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="status socket (default: from the daemon's configuration "
                                     f"file, else {DEFAULT_SOCKET}; or $CVMFSCTL_SOCKET)")
     p.add_argument("-c", "--config", type=Path,
-                   help=f"the daemon's configuration file, to find the socket "
-                        f"(default {DEFAULT_CONFIG})")
+                   help=f"the daemon's configuration file, to find the socket (default "
+                        f"{DEFAULT_CONFIG}, which alone may be missing)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="colour the output (default: on a terminal, unless $NO_COLOR)")
@@ -507,8 +513,8 @@ COMMANDS = {"status": cmd_status, "list": cmd_list, "mount": cmd_mount, "umount"
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     style = Style(want_colour(args.color, sys.stdout) and not args.json)
-    path = args.socket_path = socket_path(args.socket, args.config)
     try:
+        path = args.socket_path = socket_path(args.socket, args.config)
         client = Client(path, timeout=30.0)
         try:
             return COMMANDS[args.command](client, args, style)

@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -159,8 +160,45 @@ class Daemon:
                 raise AssertionError(f"not logged as mounted: {set(repos) - done}")
             time.sleep(0.02)
 
+    def wait_mounts(self, repo: str, count: int, timeout: float = 60) -> None:
+        """Until the daemon logged `count` successful mounts of repo (a remount is one more)."""
+        self.wait_for(f"{count} logged mounts of {repo}", lambda: sum(
+            1 for r in self.mount_attempts(repo) if r["result"] == "mounted") >= count,
+            timeout=timeout)
+
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """One request on the daemon's status socket; the whole reply (check reply["ok"])."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(str(self.run_dir / "cvmfsd.sock"))
+            s.sendall(json.dumps({"v": 1, "cmd": cmd, **args}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        return reply
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
+        """Poll check() until it returns something true; fail naming what was awaited. The
+        timeout only guards against a hang: tests wait for events, not for time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cvmfsd exited {self.proc.returncode} while waiting for "
+                                     f"{what}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; last log lines: "
+                                     f"{self.events()[-8:]}")
+            time.sleep(0.02)
 
     def wait_ready(self, count: int, timeout: float = 30) -> None:
         """Until the count-th "ready" line (a re-executed daemon logs one more)."""
@@ -189,6 +227,11 @@ def toml_config(env: Env, **overrides: Any) -> str:
         "snapshot_dir": str(env.shared / "snapshots"),
         "cvmfs2": str(env.cvmfs2), "cvmfs2_config": [str(env.client_config)],
         "log_format": "json", "mount_timeout": 20.0,
+        # The limits the tests are written against, explicit: defaults may change.
+        "max_concurrent_boots": 8, "max_mounted": 1000, "backoff_initial": 2.0,
+        "backoff_max": 300.0, "restart_burst": 10, "restart_window": 60.0,
+        "expire_timeout": 300.0, "expire_min_age": 10.0, "reconcile_interval": 10.0,
+        "attach_wait": 0.0, "fuse_max_tasks": 512,
     }
     values.update(overrides)
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n"

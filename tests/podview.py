@@ -37,6 +37,8 @@ def _op(request: dict[str, Any]) -> dict[str, Any]:
                     return {"ok": True, "data": f.read().decode("latin-1")}
             case "listdir":
                 return {"ok": True, "names": sorted(os.listdir(path))}
+            case "scandir":  # name -> d_ino, as readdir reports it (no stat)
+                return {"ok": True, "inodes": {e.name: e.inode() for e in os.scandir(path)}}
             case "realpath":
                 return {"ok": True, "path": os.path.realpath(path)}
             case "chdir":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 
 from conftest import DEMO_FILES, Daemon
@@ -16,6 +15,7 @@ REPOS = ["alice.cern.ch", "atlas.cern.ch", "cms.cern.ch", "lhcb.cern.ch", "sft.c
 READER_TEMPLATE = """
 import os, sys, time
 barrier, root, repos = sys.argv[1], sys.argv[2], sys.argv[3:]
+open(barrier + "." + str(os.getpid()), "w").close()  # here, waiting
 while not os.path.exists(barrier):
     time.sleep(0.001)
 errors = 0
@@ -38,7 +38,8 @@ def test_32_processes_8_cold_repositories(daemon: Daemon) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", READER, str(barrier), str(daemon.root),
                                *REPOS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(32)]
-    time.sleep(1.0)  # let every interpreter reach the barrier
+    daemon.wait_for("every reader at the barrier",
+                    lambda: len(list(daemon.env.tmp.glob("go.*"))) == len(procs))
     barrier.touch()
     errors = 0
     for p in procs:
@@ -52,25 +53,28 @@ def test_32_processes_8_cold_repositories(daemon: Daemon) -> None:
     assert sorted(os.listdir(daemon.root)) == sorted(REPOS)
 
 
-def test_lookup_during_a_slow_boot_does_not_wait(daemon: Daemon) -> None:
-    daemon.env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_DELAY="4")
-    daemon.env.add_repo("slow.cern.ch")
+def test_lookup_during_a_slow_boot_does_not_wait(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    # The slow boot lasts until the test opens its gate, longer than anything below may take:
+    # whatever waited for it could only finish after the gate opens (or at mount_timeout).
+    d = start_daemon(mount_timeout=120.0, max_concurrent_boots=8)
+    gate = d.env.shared / "open-slow"  # where cvmfs2, dropped to its user, can look
+    d.env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_GATE=str(gate))
+    d.env.add_repo("slow.cern.ch")
     slow = subprocess.Popen([sys.executable, "-c", "import os,sys; os.stat(sys.argv[1])",
-                             str(daemon.path("slow.cern.ch") / "README")])
+                             str(d.path("slow.cern.ch") / "README")])
     try:
-        deadline = time.monotonic() + 10
-        while "slow.cern.ch" not in daemon.env.boots():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        started = time.monotonic()
+        d.wait_for("the slow boot to start", lambda: "slow.cern.ch" in d.env.boots())
         # A new name, the root itself, and a new repository: none waits for the slow boot.
-        assert not os.path.exists(daemon.path("nope"))
-        os.listdir(daemon.root)
-        assert (daemon.path("cms.cern.ch") / "README").read_text() == DEMO_FILES["README"]
-        assert time.monotonic() - started < 3.0
-        assert slow.poll() is None, "the slow boot finished early: the test proves nothing"
+        assert not os.path.exists(d.path("nope"))
+        os.listdir(d.root)
+        assert (d.path("cms.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+        # ... which is still held at its gate: nothing above can have waited for it.
+        assert slow.poll() is None and d.mount_attempts("slow.cern.ch") == []
     finally:
-        assert slow.wait(timeout=30) == 0
+        gate.touch()
+        assert slow.wait(timeout=120) == 0
+    d.wait_mounted("slow.cern.ch")
+    assert [a["result"] for a in d.mount_attempts("slow.cern.ch")] == ["mounted"]
 
 
 def test_config_repository_lookup_from_inside_a_boot(start_daemon, env) -> None:  # type: ignore[no-untyped-def]

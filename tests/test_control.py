@@ -133,7 +133,7 @@ def test_parse_listen() -> None:
 
 # --- against the daemon ---------------------------------------------------------------------------
 def test_status_list_mount_umount(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(backoff_initial=30.0)
+    d = start_daemon(backoff_initial=300.0, backoff_max=300.0)
     sock = socket_of(d)
     st = os.stat(sock)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
@@ -170,7 +170,7 @@ def test_status_list_mount_umount(start_daemon) -> None:  # type: ignore[no-unty
     assert broken["last_error"]["exit_code"] == 4
     assert broken["last_error"]["meaning"] == "failed to mount"
     assert "(4 - " in broken["last_error"]["stderr"]
-    assert broken["retry_in_s"] > 20
+    assert broken["retry_in_s"] > 200
     # an admin's mount does not wait for the backoff
     assert call(d, "mount", name="broken.cern.ch")["error"]["code"] == "mount_failed"
     assert entry(d, "broken.cern.ch")["boots"] == 2
@@ -241,9 +241,7 @@ def test_reload(start_daemon) -> None:  # type: ignore[no-untyped-def]
     # SIGHUP does the same
     rewrite_config(d)
     os.kill(d.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while not d.events("sighup_reload") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    d.wait_for("the SIGHUP reload", lambda: d.events("sighup_reload"))
     assert sorted(d.events("sighup_reload")[0]["changed"]) == ["deny", "mount_timeout"]
     assert (d.path("lhcb.cern.ch") / "README").exists()
 
@@ -421,7 +419,6 @@ def test_malformed_oversized_and_slow_clients(start_daemon) -> None:  # type: ig
         rng = random.Random(4)
         requests = _malformed(rng)
         errors: dict[str, int] = {}
-        started = time.monotonic()
         for i in range(0, len(requests), 20):
             conn = Conn(sock, timeout=10)
             try:
@@ -437,13 +434,10 @@ def test_malformed_oversized_and_slow_clients(start_daemon) -> None:  # type: ig
             # FUSE and other clients keep being served meanwhile
             if i % 200 == 0:
                 assert (d.path("alice.cern.ch") / "README").read_text()
-                t0 = time.monotonic()
                 assert ok(call(d, "status"))["pid"] == d.pid
-                assert time.monotonic() - t0 < 2.0
         assert set(errors) <= {"bad_request", "unsupported_version", "unknown_command",
                                "invalid_name"}, errors
         assert errors.get("invalid_name") and errors.get("bad_request")
-        assert time.monotonic() - started < 40
 
         # oversized lines: an error, then the connection is closed
         for size in (control.MAX_LINE, control.MAX_LINE * 4):
@@ -495,8 +489,9 @@ def test_malformed_oversized_and_slow_clients(start_daemon) -> None:  # type: ig
 def test_too_many_clients_are_told_so(start_daemon) -> None:  # type: ignore[no-untyped-def]
     d = start_daemon()
     held = [Conn(socket_of(d)) for _ in range(control.MAX_CLIENTS)]
-    time.sleep(0.5)  # all accepted
     try:
+        for conn in held:  # each one answered, so accepted and counted; they stay open
+            assert conn.call("status")["ok"]
         extra = Conn(socket_of(d), timeout=10)
         try:
             reply = extra.call("status")
@@ -506,7 +501,7 @@ def test_too_many_clients_are_told_so(start_daemon) -> None:  # type: ignore[no-
     finally:
         for conn in held:
             conn.close()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:  # the held connections are gone: served again
         reply = call(d, "status")
         if reply["ok"] or time.monotonic() > deadline:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO_ROOT, Daemon, toml_config
 
 from cvmfsd import ctl
@@ -28,7 +29,7 @@ def as_json(out: subprocess.CompletedProcess[str]) -> Any:
 
 
 def test_status_output_and_exit_codes(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(backoff_initial=30.0)
+    d = start_daemon(backoff_initial=300.0, backoff_max=300.0)
     out = cvmfsctl(d, "status")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -149,7 +150,11 @@ def test_socket_found_from_config(tmp_path: Path, monkeypatch) -> None:  # type:
     monkeypatch.setenv("CVMFSCTL_SOCKET", "/env.sock")
     assert ctl.socket_path(None, cfg) == Path("/env.sock")
     monkeypatch.delenv("CVMFSCTL_SOCKET")
-    assert ctl.socket_path(None, tmp_path / "missing.toml") == ctl.DEFAULT_SOCKET
+    cfg.write_text('root = "/cvmfs"\n')  # neither key: the default socket
+    assert ctl.socket_path(None, cfg) == ctl.DEFAULT_SOCKET
+    # a file named with -c must exist (tests/test_config.py: and parse, with the right types)
+    with pytest.raises(ctl.CtlError, match="does not exist"):
+        ctl.socket_path(None, tmp_path / "missing.toml")
 
 
 def test_span() -> None:
@@ -175,3 +180,40 @@ def test_restart_in_place(start_daemon) -> None:  # type: ignore[no-untyped-def]
     assert alice["state"] == "mounted" and alice["serving_pid"] == pid  # taken over
     assert (d.path("alice.cern.ch") / "README").exists()
     assert d.env.boots().count("alice.cern.ch") == 1
+
+
+def test_list_no_details(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """--no-details: what the registry knows, without asking the mounts (revision, proxy,
+    cache stay unknown); the default asks them."""
+    d = start_daemon()
+    assert (d.path("alice.cern.ch") / "README").exists()
+    pid = int(os.getxattr(d.path("alice.cern.ch"), "user.pid"))
+    full, = as_json(cvmfsctl(d, "--json", "list"))["repositories"]
+    assert full["details_known"] is True and full["revision"] == 1
+    assert full["proxy"] == "DIRECT" and full["cache_used_bytes"] is not None
+    out = cvmfsctl(d, "--json", "list", "--no-details")
+    assert out.returncode == 0
+    bare, = as_json(out)["repositories"]
+    assert bare["details_known"] is False
+    assert bare["revision"] is None and bare["proxy"] is None
+    assert bare["cache_used_bytes"] is None
+    assert bare["state"] == "mounted" and bare["serving_pid"] == pid
+    # the table: the revision column shows what is known
+    row, = [line.split() for line in cvmfsctl(d, "list").stdout.splitlines()
+            if "alice.cern.ch" in line]
+    bare_row, = [line.split() for line in cvmfsctl(d, "list", "--no-details").stdout
+                 .splitlines() if "alice.cern.ch" in line]
+    assert row[4] == "1" and bare_row[4] == "-"
+    assert row[:4] == bare_row[:4] == ["●", "alice.cern.ch", "mounted", str(pid)]
+
+
+def test_restart_that_does_not_come_back_exits_1(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The re-executed daemon reads its configuration again; made invalid meanwhile, the new
+    instance refuses to start (exit 2), and cvmfsctl restart says so with exit 1."""
+    d = start_daemon()
+    (d.env.tmp / "cvmfsd-0.toml").write_text(toml_config(d.env, mount_timeout=-1))
+    out = cvmfsctl(d, "restart", "--timeout", "10")
+    assert out.returncode == 1
+    assert "cvmfsd did not come back within 10 s" in out.stderr
+    assert d.proc.wait(timeout=60) == 2
+    assert "mount_timeout must be > 0" in d.log_path.read_text()

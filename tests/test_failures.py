@@ -30,16 +30,15 @@ def _lookups(d: Daemon, name: str, n: int) -> dict[int, int]:
 ])
 def test_failing_boot(start_daemon, name: str, knobs: dict[str, str] | None, code: int,
                       expected_errno: int) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(backoff_initial=5.0)
+    # A backoff far longer than the lookups can take, however loaded the machine.
+    d = start_daemon(backoff_initial=300.0, backoff_max=300.0)
     if knobs:
         d.env.add_repo(name)
         d.env.repo_config(name, **knobs)
-    started = time.monotonic()
     seen = _lookups(d, name, 100)
     assert seen == {expected_errno: 100}
-    # 100 lookups over ~1-2 s with a 5 s backoff: exactly one boot.
+    # 100 lookups within the backoff: exactly one boot.
     assert d.env.boots().count(name) == 1
-    assert time.monotonic() - started < 20
     attempts = d.mount_attempts(name)
     assert len(attempts) == 1
     assert attempts[0]["exit_code"] == code
@@ -47,14 +46,14 @@ def test_failing_boot(start_daemon, name: str, knobs: dict[str, str] | None, cod
 
 
 def test_boot_that_hangs_is_killed_at_the_timeout(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(mount_timeout=2.0, backoff_initial=30.0)
+    d = start_daemon(mount_timeout=2.0, backoff_initial=300.0, backoff_max=300.0)
     d.env.add_repo("hang.cern.ch")
     d.env.repo_config("hang.cern.ch", CVMFS_STANDIN_HANG="yes")
     started = time.monotonic()
     with pytest.raises(OSError) as exc:
         os.stat(d.path("hang.cern.ch") / "README")
     assert exc.value.errno == errno.EIO
-    assert 1.5 < time.monotonic() - started < 10
+    assert time.monotonic() - started >= 2.0  # not before the timeout (a lower bound only)
     seen = _lookups(d, "hang.cern.ch", 100)
     assert seen == {errno.EIO: 100}
     assert d.env.boots().count("hang.cern.ch") == 1
@@ -68,10 +67,22 @@ def test_boot_that_hangs_is_killed_at_the_timeout(start_daemon) -> None:  # type
 
 
 def test_failed_repository_retries_after_backoff(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(backoff_initial=1.0)
+    d = start_daemon(backoff_initial=1.0, backoff_max=300.0)
     with pytest.raises(FileNotFoundError):
         os.stat(d.path("later.cern.ch"))
+    first, = d.mount_attempts("later.cern.ch")
+    assert first["exit_code"] == 16 and first["retry_in_s"] == 1.0
     d.env.add_repo("later.cern.ch")  # the repository appears on the server
-    time.sleep(1.2)
-    assert (d.path("later.cern.ch") / "README").exists()
+
+    def mounted() -> bool:
+        # Lookups within the backoff fail at once without a boot; the first one after it
+        # boots again and, the repository being there now, mounts.
+        try:
+            return (d.path("later.cern.ch") / "README").exists()
+        except OSError:
+            return False
+
+    d.wait_for("the retry after the backoff", mounted)
+    d.wait_mounted("later.cern.ch")
     assert d.env.boots().count("later.cern.ch") == 2
+    assert [a["result"] for a in d.mount_attempts("later.cern.ch")] == ["failed", "mounted"]

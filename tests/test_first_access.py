@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_FILES, Daemon, run_py
+from conftest import DEMO_FILES, Daemon, mounts_under, run_py
+from podview import PodView
 
 FIRST_ACCESS = {
     "stat": "import os,sys; st=os.stat(sys.argv[1]+'/README'); print(st.st_size)",
@@ -56,9 +58,67 @@ def test_first_access_by_execve(daemon: Daemon) -> None:
 def test_root_listing_shows_mounted_repositories(daemon: Daemon) -> None:
     assert os.listdir(daemon.root) == []
     assert (daemon.path("sft.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    daemon.wait_mounted("sft.cern.ch")
     assert os.listdir(daemon.root) == ["sft.cern.ch"]
-    # The name keeps its identity: same inode for the mountpoint every time.
-    assert os.stat(daemon.path("sft.cern.ch")).st_ino == os.stat(daemon.path("sft.cern.ch")).st_ino
+    assert (daemon.path("cms.cern.ch") / "README").exists()
+    daemon.wait_mounted("cms.cern.ch")
+    assert sorted(os.listdir(daemon.root)) == ["cms.cern.ch", "sft.cern.ch"]
+
+
+def _nodeids(root: Path) -> dict[str, int]:
+    """name -> the nodeid the daemon gives it (readdir's d_ino; a stat would cross the mount
+    and show the repository's own root)."""
+    return {entry.name: entry.inode() for entry in os.scandir(root)}
+
+
+def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon) -> None:
+    """DESIGN.md §3-4: a name has one nodeid forever. The kernel learns it from the LOOKUP
+    that starts the mount and compares every later LOOKUP and readdirplus entry with it; a
+    different one detaches whatever is mounted there, in every namespace."""
+    name, path = "sft.cern.ch", daemon.path("sft.cern.ch")
+    pod = PodView(daemon.root, daemon.env.tmp / "pod")  # a namespace made before the lookup
+    try:
+        assert (path / "README").read_text() == DEMO_FILES["README"]  # LOOKUP, then the mount
+        daemon.wait_mounts(name, 1)
+        nodeid = _nodeids(daemon.root)[name]
+        assert pod.do("scandir", "")["inodes"] == {name: nodeid}
+        # Listings (readdirplus) and fresh lookups after the mount: the same nodeid, and the
+        # kernel kept the mount (a mismatch would have detached it).
+        for _ in range(3):
+            assert _nodeids(daemon.root) == {name: nodeid}
+            assert run_py("import os,sys; print(os.listdir(sys.argv[1]))",
+                          str(path)).returncode == 0
+        assert str(path) in mounts_under(daemon.root)
+        assert os.stat(path).st_dev != os.stat(daemon.root).st_dev  # the repository's own fs
+        assert daemon.env.boots() == [name]
+
+        # Unmounted and looked up again: mounted again under the same nodeid.
+        assert daemon.call("umount", name=name)["ok"]
+        assert str(path) not in mounts_under(daemon.root) and name not in os.listdir(daemon.root)
+        assert (path / "README").read_text() == DEMO_FILES["README"]
+        daemon.wait_mounts(name, 2)
+        assert _nodeids(daemon.root) == {name: nodeid}
+
+        # Its backend killed, healed on the next access: still the same nodeid.
+        pid = int(os.getxattr(path, "user.pid"))
+        os.kill(pid, signal.SIGKILL)
+        daemon.wait_for("the heal", lambda: any(e["repo"] == name
+                                                for e in daemon.events("healed")))
+        assert (path / "README").read_text() == DEMO_FILES["README"]
+        daemon.wait_mounts(name, 3)
+        assert int(os.getxattr(path, "user.pid")) != pid
+        assert _nodeids(daemon.root) == {name: nodeid}
+        assert pod.do("scandir", "")["inodes"] == {name: nodeid}
+        assert pod.do("read", f"{name}/README")["data"] == DEMO_FILES["README"]
+        assert daemon.env.boots() == [name] * 3
+
+        # Another name: another nodeid.
+        assert (daemon.path("cms.cern.ch") / "README").exists()
+        daemon.wait_mounted("cms.cern.ch")
+        ids = _nodeids(daemon.root)
+        assert ids[name] == nodeid and ids["cms.cern.ch"] != nodeid
+    finally:
+        pod.close()
 
 
 def test_data_is_byte_identical(daemon: Daemon) -> None:

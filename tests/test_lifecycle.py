@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -10,12 +11,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import DEMO_FILES, Daemon, exited, mounts_under, reap, soak_size
 from podview import PodView
+
+from cvmfsd import kernel
 
 BLOB = DEMO_FILES["data/blob.bin"]
 
@@ -77,9 +81,9 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
             killed = time.monotonic()
             while not exited(pid):
                 time.sleep(0.001)
-            # A generous bound: how fast it heals is measured (printed here, and in bench/),
-            # not asserted on a machine other work may be loading.
-            wait_open_ok(blob, timeout=30.0)
+            # A guard against a hang: how fast it heals is measured (printed here, and in
+            # bench/), not asserted on a machine other work may be loading.
+            wait_open_ok(blob, timeout=60.0)
             heal_times.append(time.monotonic() - killed)
             assert serving_pid(d, repo) != pid
     finally:
@@ -96,29 +100,38 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
 
 
 def test_backend_that_crashes_on_every_boot_is_backed_off(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    d = start_daemon(restart_burst=3, restart_window=60.0, backoff_initial=2.0)
+    # A window and a backoff far longer than the test: the count below is exact.
+    d = start_daemon(restart_burst=3, restart_window=600.0, backoff_initial=300.0,
+                     backoff_max=300.0)
     repo = "crashy.cern.ch"
     d.env.add_repo(repo)
     d.env.repo_config(repo, CVMFS_STANDIN_CRASH_AFTER="5")
-    started = time.monotonic()
     codes: dict[int, int] = {}
-    while time.monotonic() - started < 15:
+
+    def read_until_backed_off() -> bool:
         try:
             (d.path(repo) / "data" / "blob.bin").read_bytes()
             codes[0] = codes.get(0, 0) + 1
         except OSError as exc:
             codes[exc.errno] = codes.get(exc.errno, 0) + 1
-        time.sleep(0.02)
-    boots = d.env.boots().count(repo)
-    # 4 quick deaths are healed (burst 3), then 2 s, 4 s, 8 s backoff: at most ~7 in 15 s.
-    assert 4 <= boots <= 8, boots
+        healed = [e for e in d.events("healed") if e["repo"] == repo]
+        return bool(healed) and healed[-1]["state"] == "failed"
+
+    d.wait_for("the crash loop to be backed off", read_until_backed_off, timeout=120)
+    # Deaths 1-3 are healed at once (burst 3); the 4th within the window is backed off.
+    assert d.env.boots().count(repo) == 4
+    assert [e["state"] for e in d.events("healed") if e["repo"] == repo] == [
+        "idle", "idle", "idle", "failed"]
+    assert "SIGABRT" in d.events("healed")[-1]["reason"]
+    # Backed off: lookups fail at once with EIO and start nothing.
+    for _ in range(20):
+        with pytest.raises(OSError) as exc:
+            os.stat(d.path(repo) / "README")
+        assert exc.value.errno == errno.EIO
+    assert d.env.boots().count(repo) == 4
     # A request the crashing backend had read already fails (ECONNABORTED: its connection is
     # aborted); the rest are healed or refused during the backoff (EIO).
     assert set(codes) <= {0, errno.EIO, errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT}, codes
-    assert codes.get(errno.EIO, 0) > 0
-    healed = [e for e in d.events("healed") if e["repo"] == repo]
-    assert healed and healed[-1]["state"] == "failed"
-    assert "SIGABRT" in healed[-1]["reason"]
 
 
 def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -133,11 +146,14 @@ def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ign
     pod = PodView(d.root, d.env.tmp / "pod")
     try:
         assert pod.do("chdir", in_pod)["ok"]
-        deadline = time.monotonic() + 10
-        while str(d.path(idle)) in mounts_under(d.root):
-            assert time.monotonic() < deadline, "the idle repository was never expired"
-            time.sleep(0.1)
-        time.sleep(3.0)  # several more expiry periods for the busy ones
+        d.wait_for("the idle repository to expire",
+                   lambda: str(d.path(idle)) not in mounts_under(d.root))
+        # A clock made of events: a repository mounted only now must expire too. By then the
+        # busy ones, idle-looking for longer, were due in every one of those upkeep passes.
+        clock = "sft.cern.ch"
+        assert (d.path(clock) / "README").exists()
+        d.wait_for("the later repository to expire",
+                   lambda: str(d.path(clock)) not in mounts_under(d.root))
         mounted = mounts_under(d.root)
         for busy in (with_file, with_cwd, in_pod):
             assert str(d.path(busy)) in mounted, busy
@@ -151,10 +167,8 @@ def test_idle_expiry_keeps_busy_repositories(start_daemon) -> None:  # type: ign
         cwd.wait()
         pod.close()
     # Released: now they expire too.
-    deadline = time.monotonic() + 10
-    while any(str(d.path(r)) in mounts_under(d.root) for r in (with_file, with_cwd, in_pod)):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    d.wait_for("the released repositories to expire", lambda: not any(
+        str(d.path(r)) in mounts_under(d.root) for r in (with_file, with_cwd, in_pod)))
 
 
 def test_stat_walks_do_not_keep_a_repository_mounted(start_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -167,7 +181,7 @@ def test_stat_walks_do_not_keep_a_repository_mounted(start_daemon) -> None:  # t
         os.listdir(d.root)
         with pytest.raises(OSError):
             os.stat(d.path("sft.cern.ch") / "missing")
-        assert time.monotonic() - started < 10, "stat walks kept the repository mounted"
+        assert time.monotonic() - started < 60, "stat walks kept the repository mounted"
         time.sleep(0.05)
 
 
@@ -241,3 +255,126 @@ def test_start_over_a_dead_root(start_daemon, env) -> None:  # type: ignore[no-u
         assert time.monotonic() < deadline, "backends outlived the final shutdown"
         time.sleep(0.05)
     reap([alive, dead])
+
+
+def test_max_mounted_refuses_with_enospc_and_says_why(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    # One requester (this test) mounts everything: its share must not be what bites first.
+    d = start_daemon(max_mounted=2, requester_mounts=100, expire_timeout=0)
+    for repo in ("alice.cern.ch", "atlas.cern.ch"):
+        assert (d.path(repo) / "README").read_text() == DEMO_FILES["README"]
+    with pytest.raises(OSError) as exc:
+        os.stat(d.path("cms.cern.ch") / "README")
+    assert exc.value.errno == errno.ENOSPC
+    refused = d.wait_for("the refusal in the log", lambda: d.mount_attempts("cms.cern.ch"))
+    assert [a["result"] for a in refused] == ["refused"]
+    assert refused[0]["error"] == "2 repositories are mounted already (max_mounted)"
+    assert "cms.cern.ch" not in d.env.boots()
+    # the mounted ones are untouched; one unmounted makes room again
+    assert (d.path("alice.cern.ch") / "README").exists()
+    assert d.call("umount", name="alice.cern.ch")["ok"]
+    assert (d.path("cms.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count("cms.cern.ch") == 1
+    assert sorted(os.listdir(d.root)) == ["atlas.cern.ch", "cms.cern.ch"]
+
+
+def _state(d: Daemon, repo: str) -> str:
+    entries = d.call("list", names=[repo], details=False)["result"]["repositories"]
+    return str(entries[0]["state"])
+
+
+def test_reconcile_notices_an_unmount_by_someone_else(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """`umount -l` by an admin while a file is open: the backend keeps serving the detached
+    mount, so no process exit announces it; the periodic reconcile notices, and the next access
+    mounts the repository again."""
+    d = start_daemon(reconcile_interval=0.2, expire_timeout=0)
+    repo, path = "alice.cern.ch", d.path("alice.cern.ch")
+    with open(path / "README") as held:
+        pid = serving_pid(d, repo)
+        kernel.umount(path, kernel.MNT_DETACH)  # this test's own daemon's mount
+        d.wait_for("the reconcile", lambda: [e for e in d.events("unmounted_externally")
+                                             if e["repo"] == repo])
+        assert not exited(pid)  # still serving the open file: nothing else could have told
+        assert held.read() == DEMO_FILES["README"]
+        assert _state(d, repo) == "idle" and repo not in os.listdir(d.root)
+    # The detached mount is gone with its last user, and so is its backend.
+    d.wait_for("the old backend to exit", lambda: exited(pid))
+    reap([pid])
+    assert (path / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count(repo) == 2 and serving_pid(d, repo) != pid
+
+
+@contextlib.contextmanager
+def fuse_connections(private: Path) -> Iterator[Path]:
+    """/sys/fs/fuse/connections, or where the machine has no fusectl mounted there, a fusectl
+    mount of this test's own (same connections), unmounted afterwards."""
+    system = Path("/sys/fs/fuse/connections")
+    if system.is_dir() and any(system.iterdir()):
+        yield system
+        return
+    private.mkdir()
+    kernel.mount("fusectl", private, "fusectl", 0)
+    try:
+        yield private
+    finally:
+        kernel.umount(private)
+
+
+def test_an_aborted_connection_is_healed(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """The FUSE connection of a mounted repository aborted (echo 1 > .../abort): accesses fail
+    with ENOTCONN until the daemon detaches the dead mount; then it mounts again. The backend
+    (the stand-in, like cvmfs2) exits on the abort, which announces it."""
+    d = start_daemon(reconcile_interval=0.2, expire_timeout=0)
+    repo, path = "atlas.cern.ch", d.path("atlas.cern.ch")
+    assert (path / "README").exists()
+    pid = serving_pid(d, repo)
+    with fuse_connections(d.env.tmp / "fusectl") as connections:
+        abort(connections, d, path)
+    d.wait_for("the heal", lambda: [e for e in d.events("healed") if e["repo"] == repo])
+    healed, = [e for e in d.events("healed") if e["repo"] == repo]
+    assert healed["reason"].startswith(f"serving process {pid} exited")
+    reap([pid])
+    assert (path / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count(repo) == 2 and serving_pid(d, repo) != pid
+
+
+def abort(connections: Path, d: Daemon, path: Path) -> None:
+    """Abort the FUSE connection of a repository mount this test's daemon made (found by the
+    mount's own device number), and nothing else."""
+    dev = os.stat(path).st_dev
+    assert dev != os.stat(d.root).st_dev and str(path) in mounts_under(d.root)
+    (connections / str(os.minor(dev)) / "abort").write_text("1")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the reconcile's probe (cvmfsd/probe.py) uses stat(), which the kernel answers from its "
+    "attribute cache (CVMFS_KCACHE_TIMEOUT) without asking the dead connection; statvfs() "
+    "always reaches it. Reported; remove this mark when fixed."))
+def test_reconcile_finds_an_aborted_connection_no_exit_announced(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A backend that does not exit on the abort (stopped with SIGSTOP here): no process exit
+    announces the dead mount, so only the periodic reconcile can find it."""
+    d = start_daemon(reconcile_interval=0.2, expire_timeout=0)
+    repo, path = "cms.cern.ch", d.path("cms.cern.ch")
+    # Attributes cached for longer than this test may take: a probe that only looks into
+    # the kernel's cache can never see the abort, one that reaches the connection always does.
+    d.env.repo_config(repo, CVMFS_KCACHE_TIMEOUT="3600")
+    assert (path / "README").exists()
+    assert os.stat(path).st_ino  # its attributes are in the kernel's cache from now on
+    pid = serving_pid(d, repo)
+    os.kill(pid, signal.SIGSTOP)  # from here on, nothing may touch the mount before the abort
+    try:
+        with fuse_connections(d.env.tmp / "fusectl") as connections:
+            abort(connections, d, path)
+        with pytest.raises(OSError) as exc:
+            os.statvfs(path)
+        assert exc.value.errno == errno.ENOTCONN  # dead: the kernel itself says so
+        d.wait_for("the reconcile", lambda: [e for e in d.events("healed")
+                                             if e["repo"] == repo], timeout=30)
+        healed, = [e for e in d.events("healed") if e["repo"] == repo]
+        assert not exited(pid)
+        assert healed["reason"] == "mount corrupted (ENOTCONN or backend gone)"
+    finally:
+        os.kill(pid, signal.SIGCONT)  # let it see its dead connection and go
+    d.wait_for("the old backend to exit", lambda: exited(pid))
+    reap([pid])
+    assert (path / "README").read_text() == DEMO_FILES["README"]
+    assert d.env.boots().count(repo) == 2

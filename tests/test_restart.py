@@ -132,7 +132,7 @@ def test_restart_without_a_failed_read(start_daemon, env) -> None:  # type: igno
     assert last.events("ready")[-1]["adopted"] == len(REPOS) + 1
     assert last.stop() == 0
     assert mounts_under(env.tmp) == []
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while backends(env.tmp):
         assert time.monotonic() < deadline, backends(env.tmp)
         time.sleep(0.1)

@@ -379,6 +379,21 @@ def test_boot_delay_and_hang(rig: Rig) -> None:
     proc.wait(10)
 
 
+def test_boot_gate(rig: Rig) -> None:
+    """The boot waits for the gate file, however long, then mounts."""
+    mp = rig.mountpoint()
+    gate = rig.base / "gate"
+    proc = rig.popen("-o", rig.options(rig.config(CVMFS_STANDIN_BOOT_GATE=str(gate))), FQRN,
+                     str(mp))
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(1.0)
+    assert not os.path.ismount(mp)
+    gate.touch()
+    assert proc.wait(30) == 0
+    rig.pids.append(int(talk(rig.talk_path(), "pid")))
+    assert os.path.ismount(mp)
+
+
 # -- a mounted repository ---------------------------------------------------------
 
 
@@ -656,7 +671,7 @@ def test_external_umount_ends_the_daemon(rig: Rig) -> None:
     m = rig.mount()
     assert (m.mountpoint / "README").exists()
     umount(m.mountpoint)
-    status = wait_exit(m.pid, 5)
+    status = wait_exit(m.pid, 30)
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
 
 
@@ -673,7 +688,7 @@ def test_crash_after_leaves_a_dead_mount(rig: Rig) -> None:
     # The request in flight when the server died fails with ECONNABORTED, later ones ENOTCONN.
     assert seen[-1] == errno.ENOTCONN
     assert set(seen) <= {errno.ECONNABORTED, errno.ENOTCONN}
-    status = wait_exit(m.pid, 5)
+    status = wait_exit(m.pid, 30)
     assert status is not None and os.WIFSIGNALED(status)
     assert os.WTERMSIG(status) == signal.SIGABRT
     # The kernel mount stays behind, dead; whoever supervises must detach it.
@@ -721,7 +736,7 @@ def test_premounted_file_descriptor(rig: Rig) -> None:
     assert os.getxattr(mp, "user.fqrn").decode() == FQRN
     # The parent owns the unmount; the server then ends by itself.
     umount(mp)
-    status = wait_exit(pid, 5)
+    status = wait_exit(pid, 30)
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
 
 

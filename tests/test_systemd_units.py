@@ -1,18 +1,14 @@
 """The files in systemd/: `systemd-analyze verify` accepts the unit (and says nothing about it),
-the tmpfiles entry applies, the example configuration is valid and shows the defaults."""
+the tmpfiles entry applies. (The example configuration: tests/test_config.py.)"""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
-
-from cvmfsd import config
-from cvmfsd.admin import RESTART_ONLY
 
 UNITS = REPO_ROOT / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
@@ -110,21 +106,3 @@ def test_tmpfiles_entry_applies(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "cvmfsd").is_dir()
     assert (tmp_path / "run" / "cvmfsd").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "cvmfs").is_dir()
-
-
-def test_example_configuration() -> None:
-    values = tomllib.loads((UNITS / "cvmfsd.toml.example").read_text())
-    # valid as a whole (with a cvmfs2 that exists here)
-    cfg = config.build({**values, "cvmfs2": "/bin/true"})
-    defaults = config.Config()
-    for key in values:
-        if key != "cvmfs2":
-            assert getattr(cfg, key) == getattr(defaults, key), f"{key} is not the default"
-    # a key is marked [restart] exactly when a reload refuses to change it
-    marked = {}
-    for line in (UNITS / "cvmfsd.toml.example").read_text().splitlines():
-        if line and not line.startswith("#") and "=" in line:
-            marked[line.split("=")[0].strip()] = "[restart]" in line
-    assert set(marked) == set(values)
-    for key, restart in marked.items():
-        assert restart == (key in RESTART_ONLY), key

@@ -124,8 +124,9 @@ def run_ops(fn: Any, **cfg: Any) -> Any:
 
     async def main() -> Any:
         # No root is mounted: each boot's mount at <root>/<name> fails, like a failing cvmfs2.
-        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, run_dir=run_dir,
-                        root=run_dir / "no-root", snapshot_dir=run_dir / "snapshots", **cfg)
+        config = Config(cvmfs2=Path("/bin/false"), backoff_initial=60.0, backoff_max=600.0,
+                        run_dir=run_dir, root=run_dir / "no-root",
+                        snapshot_dir=run_dir / "snapshots", **cfg)
         registry = Registry(config.backoff_initial, config.backoff_max)
         children = Children()
         mounter = Mounter(config, registry, children)

@@ -22,6 +22,7 @@ _UNSET = "@@cvmfs2-standin-unset@@"
 # fragment sets them indirectly (e.g. by sourcing a per-repository file).
 KNOBS = (
     "CVMFS_STANDIN_BOOT_DELAY",
+    "CVMFS_STANDIN_BOOT_GATE",
     "CVMFS_STANDIN_FAIL",
     "CVMFS_STANDIN_HANG",
     "CVMFS_STANDIN_CRASH_AFTER",

@@ -462,6 +462,11 @@ def _fault_knobs(opts: Options) -> None:
     delay = opts.get("CVMFS_STANDIN_BOOT_DELAY")
     if delay:
         time.sleep(max(0.0, float(delay)))
+    gate = opts.get("CVMFS_STANDIN_BOOT_GATE")
+    if gate:
+        # A boot that lasts exactly until the test says so: tests wait for events, not time.
+        while not os.path.exists(gate):
+            time.sleep(0.01)
     fail = string_to_uint(opts.get("CVMFS_STANDIN_FAIL"))
     if fail:
         raise BootFailure(fail, KNOB_MESSAGES.get(fail, code_text(fail)))
