@@ -119,6 +119,21 @@ class Children:
                 self.reap()
 
 
+def orphans_with(*args: str) -> list[int]:
+    """Children of this process (reparented orphans included: it is a subreaper) whose command
+    line holds every one of args. Reads procfs only."""
+    wanted = [a.encode() for a in args]
+    out = []
+    for children in Path("/proc/self/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for pid in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if all(w in argv for w in wanted):
+                        out.append(int(pid))
+    return out
+
+
 def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the
     pid, it names one process, whatever reuses the pid later."""

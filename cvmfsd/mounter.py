@@ -30,7 +30,7 @@ import trio
 
 from . import anchor as anchors, backend, fusedev, kernel
 from .calls import BackendCalls
-from .children import Children, Tracked
+from .children import Children, Tracked, orphans_with
 from .config import Config
 from .errors import (
     AttachFailed,
@@ -225,7 +225,7 @@ class Mounter:
                             self.credentials)
                     await backend.boot(self.cfg, self.children, repo.fqrn, fd, pin_config,
                                        self.credentials)
-                    process = await self._serving_process(repo)
+                    process = await self._serving_process(repo, fd)
             except MountError as exc:
                 error = exc
             except Exception as exc:  # a bug, not a repository problem: fail this mount visibly
@@ -239,6 +239,10 @@ class Mounter:
             error = ShuttingDown()
         if error is not None:
             held = None
+            # Until the name is failed, a walk that comes back to its covered inode waits here
+            # instead of being sent round again to a mount that is being taken away (the VFS
+            # retries ESTALE once only).
+            repo.attached = trio.Event()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 # A replacement that reached copies elsewhere is anchored in turn, for the next.
                 held = await trio.to_thread.run_sync(self._detach, repo, anchored)
@@ -263,16 +267,51 @@ class Mounter:
         finally:
             self.registry.leave_own_thread()
 
-    async def _serving_process(self, repo: Repo) -> Tracked:
+    async def _serving_process(self, repo: Repo, fuse_fd: int) -> Tracked:
         """The daemonized process that serves the mount (xattr user.pid, interface §6): one
-        round trip to cvmfs2, which serves by now; bounded, since a backend can hang."""
+        round trip to cvmfs2, which serves by now; bounded, since a backend can hang.
+
+        A cvmfs2 that dies before it answers would leave that request waiting in the kept
+        connection; so its processes — daemonized, they are this daemon's children now, found
+        by their /dev/fd/N — are watched meanwhile, and one that exits is taken as the serving
+        process: its death is then healed like any other (and counted as one)."""
         path = self.cfg.root / repo.path
+        candidates = {}
+        for pid in orphans_with(f"/dev/fd/{fuse_fd}", repo.fqrn):
+            with contextlib.suppress(OSError):
+                candidates[pid] = os.pidfd_open(pid)
+        answer: list[int] = []
+        died: list[int] = []
+        error: BaseException | None = None
         try:
-            pid = await self.calls.call(repo, lambda: backend.serving_pid(path),
-                                        BACKEND_CALL_TIMEOUT)
-            return Tracked.open(pid)
+            async with trio.open_nursery() as nursery:
+                async def ask() -> None:
+                    nonlocal error
+                    try:
+                        answer.append(await self.calls.call(
+                            repo, lambda: backend.serving_pid(path), BACKEND_CALL_TIMEOUT))
+                    except (OSError, ValueError) as exc:
+                        error = exc
+                    nursery.cancel_scope.cancel()
+
+                async def watch(pid: int, pidfd: int) -> None:
+                    await trio.lowlevel.wait_readable(pidfd)
+                    died.append(pid)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(ask)
+                for pid, pidfd in candidates.items():
+                    nursery.start_soon(watch, pid, pidfd)
+            chosen = answer[0] if answer else (died[0] if died else None)
+            if chosen is None:
+                raise AttachFailed(f"cvmfs2 started but its mount does not answer: {error}")
+            pidfd = candidates.pop(chosen, None)
+            return Tracked(chosen, pidfd) if pidfd is not None else Tracked.open(chosen)
         except (OSError, ValueError) as exc:
             raise AttachFailed(f"cvmfs2 started but its mount does not answer: {exc}") from exc
+        finally:
+            for pidfd in candidates.values():
+                os.close(pidfd)
 
     def _release(self, repo: Repo, fd: int | None, held: int | None, error: int,
                  after: trio.Event | None = None) -> None:
@@ -328,12 +367,13 @@ class Mounter:
         processes waiting in the dead connection are told to walk again (ESTALE) once the new
         mount is in place, and wait there for the new cvmfs2."""
         process = repo.process
-        lived = trio.current_time() - (repo.mounted_at or trio.current_time())
-        held = await trio.to_thread.run_sync(self._detach, repo, True)
-        if repo.state is not State.MOUNTED or repo.process is not process:
-            if held is not None:
-                os.close(held)
+        if repo.state is not State.MOUNTED or process is None:
             return
+        lived = trio.current_time() - (repo.mounted_at or trio.current_time())
+        # Unmounting while the dead mount is taken away: walks that come back to the name's
+        # covered inode meanwhile wait for the outcome instead of being sent round again.
+        self.registry.begin_unmount(repo)
+        held = await trio.to_thread.run_sync(self._detach, repo, True)
         fd = self.registry.take_fuse_fd(repo)
         self.registry.died(repo, BackendDied(f"{why} after {lived:.1f} s"), trio.current_time(),
                            time.time())
@@ -345,9 +385,8 @@ class Mounter:
                 self.request(repo)
         self._release(repo, fd, held, errno.ESTALE,
                       after=repo.attached if repo.state is State.BOOTING else None)
-        if process is not None:
-            assert self._nursery is not None
-            self._nursery.start_soon(process.stop, STOP_GRACE)
+        assert self._nursery is not None
+        self._nursery.start_soon(process.stop, STOP_GRACE)
 
     def _detach(self, repo: Repo, anchor: bool = False) -> int | None:
         """Worker thread: detach what is mounted at the repository's path — first anchored

@@ -45,8 +45,11 @@ async def probe(calls: BackendCalls, root: Path, repo: Repo, mountpoints: set[st
         return classify(False, alive, None, False)
 
     def stat() -> int | None:
+        # statfs, not stat: the kernel answers a stat of the mount's root from its attribute
+        # cache for as long as cvmfs2 said it may (a minute), even on an aborted connection;
+        # statfs always goes to the filesystem.
         try:
-            os.stat(path)
+            os.statvfs(path)
             return None
         except OSError as exc:
             return exc.errno
