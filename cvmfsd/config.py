@@ -155,6 +155,10 @@ class Config:
                            metavar="GROUP")
     metrics_listen: str = key("", "Prometheus endpoint: PORT (on 127.0.0.1) or HOST:PORT; "
                               "\"\" = off", restart=True, metavar="[HOST:]PORT")
+    # Without it any local user may read the metrics, repository names included.
+    metrics_token_file: str = key("", "a file whose content a scrape must send as `Authorization: "
+                                  "Bearer <token>` (Prometheus: authorization.credentials_file); "
+                                  "\"\" = no token", restart=True, metavar="PATH")
     probe_repositories: tuple[str, ...] = key(
         (), "what `cvmfsctl probe` checks; empty = every repository seen since the start",
         metavar="NAME",
@@ -392,6 +396,12 @@ def _admin_problems(cfg: Config) -> list[str]:
             problems.append("control_socket must lie outside root")
         elif len(os.fsencode(path)) > 107:  # sockaddr_un.sun_path
             problems.append("control_socket path is longer than 107 bytes")
+    if cfg.metrics_token_file:
+        try:
+            if not Path(cfg.metrics_token_file).read_text().strip():
+                problems.append("metrics_token_file is empty")
+        except OSError as exc:
+            problems.append(f"metrics_token_file: {exc.strerror or exc}")
     for check in (lambda: admin_gid(cfg.admin_group),
                   lambda: cfg.metrics_address):
         try:

@@ -10,8 +10,12 @@ clients, like the status socket; one consistent snapshot per scrape, taken on th
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import ipaddress
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -33,8 +37,10 @@ log = structlog.get_logger("cvmfsd.metrics")
 # Per-repository series at most; a scan of made-up names must not explode the scrape.
 MAX_REPOSITORY_SERIES = 1000
 MAX_REQUEST = 8192
-READ_TIMEOUT = 5.0
+# A client has this long to send its request: a slot cannot be held idle for longer.
+READ_TIMEOUT = 2.0
 MAX_CLIENTS = 16
+MAX_PER_PEER = 4
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 
@@ -174,20 +180,33 @@ async def serve(admin: Admin, prom: CollectorRegistry, host: str, port: int, *,
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[:2]
     admin.metrics_address = (str(bound[0]), int(bound[1]))  # port 0: the one the kernel chose
-    log.info("metrics_listening", host=bound[0], port=bound[1], path="/metrics")
+    log.info("metrics_listening", host=bound[0], port=bound[1], path="/metrics",
+             token=bool(admin.cfg.metrics_token_file))
     limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    token = _token(admin.cfg.metrics_token_file)
+    per_peer: dict[object, int] = {}
+    peer_lookups = trio.CapacityLimiter(2)  # procfs reads, off the trio thread
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
-            if limiter.available_tokens == 0:
+            # Slots are shared out by peer (a local user, or a remote address): whoever holds
+            # connections open holds only their own share, the scraper keeps getting answers.
+            peer = await trio.to_thread.run_sync(_peer, stream, limiter=peer_lookups)
+            if limiter.available_tokens == 0 or per_peer.get(peer, 0) >= MAX_PER_PEER:
                 with trio.move_on_after(1):
                     await stream.send_all(_response("503 Service Unavailable", b"busy\n"))
                 return
-            async with limiter:
-                request = await _read_head(stream)
-                reply = _route(request, prom)
-                with trio.move_on_after(READ_TIMEOUT):
-                    await stream.send_all(reply)
+            per_peer[peer] = per_peer.get(peer, 0) + 1
+            try:
+                async with limiter:
+                    request = await _read_head(stream)
+                    reply = _route(request, prom, token)
+                    with trio.move_on_after(READ_TIMEOUT):
+                        await stream.send_all(reply)
+            finally:
+                per_peer[peer] -= 1
+                if not per_peer[peer]:
+                    del per_peer[peer]
 
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -217,7 +236,49 @@ async def _read_head(stream: trio.SocketStream) -> bytes | None:
     return None
 
 
-def _route(request: bytes | None, prom: CollectorRegistry) -> bytes:
+def _token(path: str) -> bytes | None:
+    return Path(path).read_text().strip().encode() if path else None
+
+
+def _authorized(request: bytes, token: bytes | None) -> bool:
+    if token is None:
+        return True
+    for line in request.split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            scheme, _, given = value.strip().partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+    return False
+
+
+def _peer(stream: trio.SocketStream) -> object:
+    """Who holds a connection: the local user for a loopback peer (the owner of its socket, from
+    /proc/net/tcp*), else the remote address."""
+    try:
+        peer = stream.socket.getpeername()
+        local = stream.socket.getsockname()
+    except OSError:
+        return None
+    if not ipaddress.ip_address(peer[0]).is_loopback:
+        return peer[0]
+    uid = _socket_uid(peer, local)
+    return ("uid", uid) if uid is not None else peer[0]
+
+
+def _socket_uid(peer: tuple[Any, ...], local: tuple[Any, ...]) -> int | None:
+    """The uid owning the peer's end of a loopback TCP connection. Blocking (procfs only)."""
+    port_hex = f"{peer[1]:04X}"
+    our_hex = f"{local[1]:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if (fields[1].endswith(":" + port_hex) and fields[2].endswith(":" + our_hex)):
+                    return int(fields[7])
+    return None
+
+
+def _route(request: bytes | None, prom: CollectorRegistry, token: bytes | None = None) -> bytes:
     if request is None:
         return _response("408 Request Timeout", b"timeout\n")
     if len(request) > MAX_REQUEST:
@@ -228,6 +289,8 @@ def _route(request: bytes | None, prom: CollectorRegistry) -> bytes:
     method, target = parts[0], parts[1].split(b"?", 1)[0]
     if method not in (b"GET", b"HEAD"):
         return _response("405 Method Not Allowed", b"GET only\n")
+    if target == b"/metrics" and not _authorized(request, token):
+        return _response("401 Unauthorized", b"a bearer token is required\n")
     if target == b"/metrics":
         body = generate_latest(prom)
         reply = _response("200 OK", body, CONTENT_TYPE_PLAIN_0_0_4)

@@ -255,3 +255,58 @@ def test_info_and_internal_errors_series(tmp_path) -> None:  # type: ignore[no-u
     assert value(m, "cvmfsd_degraded") == 1
     assert admin.status()["fuse_internal_errors"] == 1
     assert "1 unexpected errors in FUSE handlers (see the log)" in admin.status()["problems"]
+
+
+HOLDER = """
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_local_user_cannot_hold_every_scrape_slot(start_daemon) -> None:  # type: ignore[no-untyped-def]
+    """Another local user opens every client slot and sends nothing: slots are shared out by
+    local user (the owner of the peer socket), so the scraper's requests still get answers."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to act as another user")
+    d: Daemon = start_daemon(metrics_listen="0")
+    port = port_of(d)
+    holders = [subprocess.Popen(
+        ["setpriv", "--reuid=1001", "--regid=1001", "--clear-groups", sys.executable, "-c",
+         HOLDER, str(port), str(metrics.MAX_CLIENTS)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)]
+    try:
+        for h in holders:
+            assert h.stdout is not None and h.stdout.readline().strip() == "held"
+        for _ in range(5):
+            assert value(scrape(port), "cvmfsd_root_answers") == 1
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+
+
+def test_metrics_token(start_daemon, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With metrics_token_file, /metrics answers only a request with the bearer token."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    d: Daemon = start_daemon(metrics_listen="0", metrics_token_file=str(token))
+    port = port_of(d)
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        scrape(port)
+    assert exc.value.code == 401
+    wrong = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                   headers={"Authorization": "Bearer nope"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert exc.value.code == 401
+    right = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                   headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(right, timeout=10) as reply:
+        assert b"cvmfsd_root_answers" in reply.read()
