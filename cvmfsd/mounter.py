@@ -172,6 +172,8 @@ class Mounter:
         it failed instead."""
         with trio.move_on_after(timeout):
             await repo.attached.wait()
+            if repo.leaving is not None:
+                await repo.leaving.wait()
         if repo.state is State.FAILED and repo.last_error is not None:
             raise repo.last_error.replay()
         if not repo.attached.is_set():
@@ -239,14 +241,16 @@ class Mounter:
             error = ShuttingDown()
         if error is not None:
             held = None
-            # Until the name is failed, a walk that comes back to its covered inode waits here
-            # instead of being sent round again to a mount that is being taken away (the VFS
-            # retries ESTALE once only).
-            repo.attached = trio.Event()
+            # Until the name is failed, a walk that comes back to its covered inode waits
+            # (attached()) instead of being sent round again to a mount that is being taken
+            # away: the VFS retries ESTALE once only.
+            leaving = repo.leaving = trio.Event()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 # A replacement that reached copies elsewhere is anchored in turn, for the next.
                 held = await trio.to_thread.run_sync(self._detach, repo, anchored)
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
+            repo.leaving = None
+            leaving.set()
             self._log_attempt(repo, started, None, error)
             # Processes waiting in the connection may have spent their one ESTALE retry on the
             # way in: they get the name's own error.

@@ -72,6 +72,8 @@ class Repo:
     # A clone of the mount that last left the path, for its copies elsewhere to receive the
     # next one (anchor.py); the mounter's, like fuse_fd.
     anchor: Any = None
+    # Set while a failed boot's mount is being taken away, until the failure is recorded.
+    leaving: trio.Event | None = None
 
     def __post_init__(self) -> None:
         self.fqrn = self.fqrn or self.name
