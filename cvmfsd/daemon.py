@@ -23,6 +23,7 @@ from .fs import RootOperations
 from .mounter import Mounter
 from .registry import Registry, Repo
 from .upkeep import Upkeep
+from .usage import ViewMonitor
 
 log = structlog.get_logger("cvmfsd")
 
@@ -198,7 +199,14 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                 fusedev.mount_control, cfg.staging_dir / "fusectl")
             try:
                 await nursery.start(rt.mounter.run)
-                upkeep = Upkeep(cfg, registry, rt.mounter)
+                views = ViewMonitor(registry, cfg.root, cfg.staging_dir,
+                                    state_file=cfg.run_dir / "views.json")
+                if plan is not None:
+                    # The previous daemon's dead repository mounts: copies of them left in pods
+                    # are stale views.
+                    for dev, path in (plan.stale_devs or {}).items():
+                        views.learn(dev, path)
+                upkeep = Upkeep(cfg, registry, rt.mounter, views)
                 await nursery.start(upkeep.run)
                 fd = await trio.to_thread.run_sync(rootmount.mount_staged, cfg)
                 ops = RootOperations(cfg, registry, rt.mounter)
@@ -225,7 +233,7 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                 await trio.to_thread.run_sync(_root_answers, cfg)
                 # --- node admin surface: status socket, sd_notify, metrics (admin.py) -----
                 admin = Admin(cfg, registry, rt.mounter, ops, upkeep, reloader=reloader,
-                              config_file=config_file)
+                              config_file=config_file, views=views)
                 await nursery.start(admin.run)
                 # ---------------------------------------------------------------------------
                 log.info("ready", root=str(cfg.root), version=__version__, pid=os.getpid(),
