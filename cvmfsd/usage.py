@@ -10,7 +10,8 @@ before an idle expiry or a `cvmfsctl umount` without --force, every mount namesp
 device. A mount found there is a **use** unless
 
 1. its parent is a copy of the daemon's root in the root's propagation tree (`fuse.cvmfsd`,
-   tagged `shared:G` or `master:G` with G the live root's peer group): umount2 counts it;
+   tagged `shared:G` or `master:G` with G the live root's peer group, or a group of slaves of
+   it, found from `shared:K master:G` in any namespace): umount2 counts it;
 2. its parent is an old root layer, overmounted at its own root (a view made before a takeover
    keeps one per restart): unreachable by path, so only a process that is already inside uses
    it. It counts when a process of that namespace has its working directory (or, outside the
@@ -149,6 +150,27 @@ def root_groups(rows: dict[bytes, _Row], root: bytes) -> frozenset[bytes]:
     return frozenset(groups)
 
 
+_SLAVE_GROUP = re.compile(rb" shared:(\d+) master:(\d+)")
+
+
+def tree_groups(groups: frozenset[bytes], texts: Iterable[bytes]) -> frozenset[bytes]:
+    """The peer groups of the root's whole propagation tree: the root's own, and every group
+    whose members are slaves of a group in the tree, in any namespace. A whole-root volume is
+    such a group (a slave of the root, and shared with its copies under the kubelet
+    directory), and a runtime's `mount --rbind` of it makes the pod's copy a slave of that
+    group, not of the root's: umount2 sees the repositories in it all the same."""
+    edges = [(slave, master) for text in texts for slave, master in _SLAVE_GROUP.findall(text)]
+    tree = set(groups)
+    grew = True
+    while grew:
+        grew = False
+        for slave, master in edges:
+            if master in tree and slave not in tree:
+                tree.add(slave)
+                grew = True
+    return frozenset(tree)
+
+
 def classify(rows: dict[bytes, _Row], devs: Collection[Dev], groups: frozenset[bytes],
              staging: bytes) -> list[tuple[_Row, str]]:
     """Each mount of one of devs in this table, with what it is: "tree" (rule 1), "old" (rule
@@ -215,6 +237,7 @@ def scan(devices: Collection[Dev], live: Collection[Dev], root: Path, staging: P
     own_ns = os.stat("/proc/self/ns/mnt").st_ino
     own = _read(Path("/proc/self/mountinfo"))
     groups = root_groups(_parse(own), os.fsencode(root))
+    texts = []
     staging_b = os.fsencode(staging)
     needle = re.compile(b" (?:" + b"|".join(re.escape(f"{a}:{b}".encode())
                                              for a, b in devices) + b") ")
@@ -246,9 +269,11 @@ def scan(devices: Collection[Dev], live: Collection[Dev], root: Path, staging: P
             except OSError:
                 continue  # exited meanwhile; its namespace may live on in another pid
         result.mountinfo_bytes += len(text)
+        texts.append(text)
         if needle.search(text):
             hits.append((ino, pid, _parse(text)))
     result.namespaces = len(namespaces)
+    groups = tree_groups(groups, texts)
     for ino, pid, rows in hits:
         old: dict[Dev, list[_Row]] = {}
         for row, kind in classify(rows, devices, groups, staging_b):

@@ -89,6 +89,9 @@ class Pod:
             if op == "stat":
                 st = os.stat(self.path(req["path"]))
                 return {"ok": True, "dev": st.st_dev, "ino": st.st_ino}
+            if op == "xattr":  # e.g. user.pid: which cvmfs2 serves what the pod sees there
+                value = os.getxattr(self.path(req["path"]), req["name"])
+                return {"ok": True, "value": value.decode(errors="replace")}
             if op == "listdir":
                 return {"ok": True, "names": sorted(os.listdir(self.path(req["path"])))}
             if op == "chdir":

@@ -17,14 +17,18 @@ fact 9): after a backend death the tests walk again by path, as `cd "$PWD"` does
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import statistics
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import exited, soak_size
 from csi_harness import (
     Plugin,
     make_target,
@@ -37,7 +41,10 @@ from csi_harness import (
 from views_harness import (
     RuntimePod,
     cvmfsctl,
+    kill_backend,
+    serving_pid,
     subpath_bind,
+    upgraded_package,
 )
 
 from csi.proto import csi_pb2
@@ -135,6 +142,12 @@ class Cluster:
             pod.close()
         if self.plugin is not None:
             self.plugin.stop()
+        if self.d is not None and self.config.get("stop_mode") == "handover" and \
+                self.d.proc.poll() is None:
+            # A last daemon in unmount mode takes everything over and leaves nothing behind.
+            self.d.stop(signal.SIGTERM)
+            last = self.start_daemon(**{**self.config, "stop_mode": "unmount"})
+            assert last.stop() == 0
 
 
 def source_path(source: str) -> str:
@@ -220,3 +233,237 @@ def test_used_repository_cannot_be_unmounted_but_forced(cluster: Cluster) -> Non
     pod.close()
     unmount_tree(sub)
     cluster.unpublish(whole)
+
+
+def test_volume_after_expiry_and_next_access(cluster: Cluster) -> None:
+    """Idle expiry, then the next access: a whole-root pod's next lookup mounts the repository
+    again; a per-repository volume, once nothing used it and it expired, is published again
+    and reads."""
+    d = cluster.start(expire_timeout=1.0, expire_min_age=0.2)
+    whole = cluster.publish("whole", None)
+    whole_pod = cluster.pod(whole)
+    assert whole_pod.read(f"{REPO}/README") == README
+    target = cluster.publish("one", REPO)
+    pod = cluster.pod(target)
+    assert pod.read("README") == README
+    pod.close()
+    cluster.unpublish(target)
+
+    def expired() -> int:
+        return len([e for e in d.events("unmounted") if e["repo"] == REPO
+                    and e["reason"] == "idle"])
+
+    wait_for(lambda: expired() == 1, timeout=60, what="expired")
+    assert whole_pod.read(f"{REPO}/README") == README  # the next access, from the pod
+    d.wait_mounted(REPO)
+    wait_for(lambda: expired() == 2, timeout=60, what="expired again")
+    again = cluster.publish("again", REPO)  # the next access, a new volume
+    pod = cluster.pod(again)
+    settle_pod(pod)
+    assert pod.call("xattr", path="", name="user.pid")["value"] == str(
+        serving_pid(d.root / REPO))
+
+
+@pytest.mark.parametrize("how", ["graceful", "crash", "upgrade", "reexec"])
+def test_volumes_survive_a_restart(cluster: Cluster, how: str) -> None:
+    """Across each kind of cvmfsd restart: whole-root, per-repository and pinned volumes
+    published before it keep working in their pods (the same working directory and open file:
+    the backends are the same processes), the host keeps one root layer where the kernel can
+    mount beneath, and a repository mounted afterwards reaches the whole-root pod."""
+    cluster.env.add_repo("later.cern.ch")
+    d = cluster.start(stop_mode="handover", expire_timeout=0)
+    pods = {pv: cluster.pod(cluster.publish(pv, source))
+            for pv, source in (("whole", None), ("one", REPO), ("pinned", PIN))}
+    assert pods["whole"].read(f"{REPO}/README") == README
+    for pv in ("one", "pinned"):
+        settle_pod(pods[pv])
+    backends = {p: serving_pid(d.root / p) for p in (REPO, source_path(PIN))}
+    d = cluster.restart(how, cwd=upgraded_package(cluster.tmp) if how == "upgrade" else None)
+    assert d.events("ready")[-1]["adopted"] == 2
+    if how == "upgrade":
+        assert d.events("ready")[-1]["version"] == "99.0.0+upgrade"
+    for pv in ("one", "pinned"):
+        assert pods[pv].call("cwd_read", name="blob.bin")["data"] == BLOB
+        assert pods[pv].call("read_held", key="readme")["data"] == README
+        assert pods[pv].read("README") == README
+    assert pods["pinned"].read("VERSION") == "1\n"
+    assert {p: serving_pid(d.root / p) for p in backends} == backends
+    assert pods["whole"].read("later.cern.ch/README") == README
+    if kernel.has_move_mount_beneath():
+        assert len(kernel.mounts_at(str(d.root))) == 1
+
+
+# --- a subPath below a repository's root: not healed, reported -----------------------------
+def test_subpath_below_repository_root_is_reported(cluster: Cluster) -> None:
+    """kubelet's subPath bind of <repository>/data in a whole-root volume: after the backend
+    dies the volume heals, the subPath (and the pod's copy) cannot (views.md D), and both the
+    plugin's volume condition and `cvmfsctl status` say so, with where and what to do."""
+    d = cluster.start(expire_timeout=0)
+    whole = cluster.publish("whole", None)
+    deep = subpath_bind(cluster.kubelet_dir, whole, f"{REPO}/data")
+    pod = cluster.pod(deep)
+    assert pod.read("blob.bin") == BLOB
+    assert not cluster.stats(whole).volume_condition.abnormal  # kubelet asks periodically
+    assert cvmfsctl(d.run_dir, "status").returncode == 0
+
+    kill_backend(d.root / REPO)
+    assert (whole / REPO / "README").read_text() == README  # the volume itself heals
+    dead = pod.call("read", path="blob.bin")
+    assert not dead["ok"] and dead["errno"] == errno.ENOTCONN, dead
+
+    condition = cluster.stats(whole).volume_condition
+    assert condition.abnormal
+    assert f"repository {REPO} at {deep}" in condition.message, condition.message
+    assert "use a `repository:` volume" in condition.message, condition.message
+
+    def stale() -> list[dict[str, Any]]:
+        out = cvmfsctl(d.run_dir, "--json", "status")
+        assert out.returncode == 0, out.stderr
+        return list(json.loads(out.stdout)["status"]["stale_views"])
+
+    wait_for(lambda: len(stale()) == 2, timeout=30, what="two stale views")
+    assert {(s["repository"], s["mountpoint"], s["root"], s["ns"]) for s in stale()} == {
+        (REPO, str(deep), "/data", os.stat("/proc/self/ns/mnt").st_ino),
+        (REPO, str(pod.view), "/data", pod.ns)}
+    text = cvmfsctl(d.run_dir, "status").stdout
+    assert "Stale views (2)" in text and f"{REPO}: {deep} (showing /data)" in text, text
+    assert f"{REPO}: {pod.view} (showing /data) in mount namespace {pod.ns}" in text, text
+    assert "use a `repository:` volume" in text
+    assert "Stale views" not in cvmfsctl(d.run_dir, "status", "cms.cern.ch").stdout
+
+    # Gone once the pod and the bind are: nothing stale is left to report.
+    pod.close()
+    unmount_tree(deep)
+    wait_for(lambda: stale() == [], timeout=30, what=f"no stale views: {stale()}")
+    cluster.unpublish(whole)
+
+
+# --- views that heal (the repository heal of views.md A, d2) --------------------------------
+@pytest.mark.parametrize("source", [REPO, PIN], ids=["repository", "pinned"])
+def test_volume_heals_after_backend_kill(cluster: Cluster, source: str) -> None:
+    """A per-repository (pinned) volume's pod reads again after each of three kills of the
+    cvmfs2 serving it; so does a pod started after the first kill; nothing is left stale."""
+    d = cluster.start(expire_timeout=0)
+    path = d.root / source_path(source)
+    target = cluster.publish("vol", source)
+    pods = [cluster.pod(target)]
+    settle_pod(pods[0])
+    for round_ in range(3):
+        kill_backend(path)
+        for pod in pods:
+            rewalk(pod, f"{source}, kill {round_ + 1}")
+            assert pod.call("xattr", path="", name="user.pid")["value"] == str(
+                serving_pid(path))
+        if round_ == 0:
+            pods.append(cluster.pod(target))
+            settle_pod(pods[-1])
+    if "@" in source:
+        assert pods[0].read("VERSION") == "1\n"
+    out = json.loads(cvmfsctl(d.run_dir, "--json", "status").stdout)
+    assert out["status"]["stale_views"] == []
+
+
+@pytest.mark.parametrize("source", [REPO, PIN], ids=["repository", "pinned"])
+def test_volume_recovers_from_a_crash_loop(cluster: Cluster, source: str) -> None:
+    """A backend that keeps dying is backed off instead of healed at once; once the backoff is
+    over the repository is mounted again, and the pod, which has no way to reach the root, reads
+    again without anyone touching the host."""
+    d = cluster.start(expire_timeout=0, restart_burst=1, restart_window=60.0,
+                      backoff_initial=1.0, backoff_max=2.0)
+    path = d.root / source_path(source)
+    target = cluster.publish("vol", source)
+    pod = cluster.pod(target)
+    settle_pod(pod)
+    kill_backend(path)
+    rewalk(pod, f"{source}, first kill")
+    os.kill(serving_pid(path), signal.SIGKILL)  # the second death within the window: a loop
+    wait_for(lambda: len([e for e in d.events("healed") if e["repo"] == source]) == 2,
+             timeout=30, what="the second death handled")
+    rewalk(pod, f"{source}, after the crash loop's backoff")
+
+
+@pytest.mark.parametrize("source", [REPO, PIN], ids=["repository", "pinned"])
+def test_volume_heals_after_forced_umount_and_mount(cluster: Cluster, source: str) -> None:
+    """`cvmfsctl umount --force` of a volume's repository (its backend stops), then `cvmfsctl
+    mount`: the pod reads from the new backend."""
+    d = cluster.start(expire_timeout=0)
+    path = d.root / source_path(source)
+    target = cluster.publish("vol", source)
+    pod = cluster.pod(target)
+    settle_pod(pod)
+    old = serving_pid(path)
+    out = cvmfsctl(d.run_dir, "umount", "--force", source)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: exited(old), timeout=60, what="the old backend stopped")
+    out = cvmfsctl(d.run_dir, "mount", source)
+    assert out.returncode == 0, out.stderr
+    rewalk(pod, f"{source}, umount --force and mount")
+    assert pod.call("xattr", path="", name="user.pid")["value"] == str(serving_pid(path))
+
+
+def test_subpath_at_repository_root_heals(cluster: Cluster) -> None:
+    """kubelet's subPath bind of <repository> in a whole-root volume is a copy of the
+    repository's mount like a per-repository volume: it heals the same way."""
+    d = cluster.start(expire_timeout=0)
+    whole = cluster.publish("whole", None)
+    sub = subpath_bind(cluster.kubelet_dir, whole, REPO)
+    pod = cluster.pod(sub)
+    settle_pod(pod)
+    kill_backend(d.root / REPO)
+    rewalk(pod, "subPath at the repository root")
+    assert (sub / "README").read_text() == README
+    assert not cluster.stats(whole).volume_condition.abnormal
+    pod.close()
+    unmount_tree(sub)
+    cluster.unpublish(whole)
+
+
+def test_volumes_heal_after_every_kind_of_restart(cluster: Cluster) -> None:
+    """Volumes and pods made before the restarts (graceful, crash, upgrade, re-exec, in turn):
+    after each one a kill of each backend heals every pod, whatever daemon adopted it."""
+    d = cluster.start(stop_mode="handover", expire_timeout=0)
+    pods = {source: cluster.pod(cluster.publish(f"v{i}", source))
+            for i, source in enumerate((REPO, PIN))}
+    for pod in pods.values():
+        settle_pod(pod)
+    for how in ("graceful", "crash", "upgrade", "reexec"):
+        d = cluster.restart(how, cwd=upgraded_package(cluster.tmp) if how == "upgrade" else None)
+        for source, pod in pods.items():
+            assert pod.read("README") == README
+            kill_backend(d.root / source_path(source))
+            rewalk(pod, f"{source}, killed after a {how} restart")
+        if kernel.has_move_mount_beneath():
+            assert len(kernel.mounts_at(str(d.root))) == 1
+
+
+@pytest.mark.soak
+def test_views_soak(cluster: Cluster) -> None:
+    """Many backend kills and daemon SIGKILLs in turn, with a per-repository, a pinned and a
+    subPath-at-root pod (working directory inside, a file open) made at the start: each pod
+    reads again after every event, the host keeps one root layer, one backend per source."""
+    rounds = soak_size(ci=4, full=60)
+    d = cluster.start(stop_mode="handover", expire_timeout=0)
+    whole = cluster.publish("whole", None)
+    pods = {REPO: cluster.pod(cluster.publish("one", REPO)),
+            PIN: cluster.pod(cluster.publish("pinned", PIN)),
+            "subpath": cluster.pod(subpath_bind(cluster.kubelet_dir, whole, REPO))}
+    for pod in pods.values():
+        settle_pod(pod)
+    waited = []
+    for i in range(rounds):
+        if i % 2:
+            d = cluster.restart("crash")
+            if kernel.has_move_mount_beneath():
+                assert len(kernel.mounts_at(str(d.root))) == 1
+            for pod in pods.values():
+                assert pod.read("README") == README
+        else:
+            for source in (REPO, PIN):
+                kill_backend(d.root / source_path(source))
+            for what, pod in pods.items():
+                waited.append(rewalk(pod, f"{what}, soak round {i}"))
+    assert Counter(cluster.env.boots()) == Counter({SW: 1 + rounds // 2 + rounds % 2,
+                                                    REPO: 1 + rounds // 2 + rounds % 2})
+    print(f"\nsoak: {rounds} rounds; pods read again after a median "
+          f"{statistics.median(waited):.3f} s, at most {max(waited):.3f} s")
+    unmount_tree(cluster.kubelet_dir / "pods" / whole.parts[-5] / "volume-subpaths")

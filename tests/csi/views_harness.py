@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,18 @@ def kill_backend(path: Path, timeout: float = 30) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} is not served again after killing {pid}")
         time.sleep(0.02)
+
+
+def upgraded_package(tmp: Path) -> Path:
+    """A copy of the package that reports a new version: what a package upgrade puts on disk
+    (run the daemon with it as its working directory: `python -m` imports from there first)."""
+    target = tmp / "upgrade"
+    if not target.exists():
+        shutil.copytree(REPO_ROOT / "cvmfsd", target / "cvmfsd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        init = target / "cvmfsd" / "__init__.py"
+        init.write_text(init.read_text() + '\n__version__ = "99.0.0+upgrade"\n')
+    return target
 
 
 def events(log: Path, name: str) -> list[dict[str, Any]]:
