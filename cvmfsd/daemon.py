@@ -202,10 +202,13 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                 views = ViewMonitor(registry, cfg.root, cfg.staging_dir,
                                     state_file=cfg.run_dir / "views.json")
                 if plan is not None:
-                    # The previous daemon's dead repository mounts: copies of them left in pods
-                    # are stale views.
+                    # Devices of the previous daemon's mounts, the dead ones and those adopted
+                    # (which have no device recorded): copies of them left in pods once they
+                    # are no longer served are stale views.
                     for dev, path in (plan.stale_devs or {}).items():
                         views.learn(dev, path)
+                    for found in plan.adopt:
+                        views.learn(found.dev, found.path)
                 upkeep = Upkeep(cfg, registry, rt.mounter, views)
                 await nursery.start(upkeep.run)
                 fd = await trio.to_thread.run_sync(rootmount.mount_staged, cfg)

@@ -294,17 +294,23 @@ def test_volumes_survive_a_restart(cluster: Cluster, how: str) -> None:
 
 
 # --- a subPath below a repository's root: not healed, reported -----------------------------
-def test_subpath_below_repository_root_is_reported(cluster: Cluster) -> None:
+@pytest.mark.parametrize("adopted", [False, True], ids=["booted", "adopted"])
+def test_subpath_below_repository_root_is_reported(cluster: Cluster, adopted: bool) -> None:
     """kubelet's subPath bind of <repository>/data in a whole-root volume: after the backend
     dies the volume heals, the subPath (and the pod's copy) cannot (views.md D), and both the
-    plugin's volume condition and `cvmfsctl status` say so, with where and what to do."""
-    d = cluster.start(expire_timeout=0)
+    plugin's volume condition and `cvmfsctl status` say so, with where and what to do; also
+    when the repository was mounted by a previous daemon (adopted: no device recorded)."""
+    d = cluster.start(expire_timeout=0, stop_mode="handover")
     whole = cluster.publish("whole", None)
     deep = subpath_bind(cluster.kubelet_dir, whole, f"{REPO}/data")
     pod = cluster.pod(deep)
     assert pod.read("blob.bin") == BLOB
     assert not cluster.stats(whole).volume_condition.abnormal  # kubelet asks periodically
-    assert cvmfsctl(d.run_dir, "status").returncode == 0
+    if adopted:  # and no scan before the death: the device is known from the takeover
+        d = cluster.restart("crash")
+        assert d.events("ready")[-1]["adopted"] == 1
+    else:
+        assert cvmfsctl(d.run_dir, "status").returncode == 0
 
     kill_backend(d.root / REPO)
     assert (whole / REPO / "README").read_text() == README  # the volume itself heals
@@ -314,6 +320,7 @@ def test_subpath_below_repository_root_is_reported(cluster: Cluster) -> None:
     condition = cluster.stats(whole).volume_condition
     assert condition.abnormal
     assert f"repository {REPO} at {deep}" in condition.message, condition.message
+    assert "a subPath below a repository's root (/data) is never healed" in condition.message
     assert "use a `repository:` volume" in condition.message, condition.message
 
     def stale() -> list[dict[str, Any]]:
