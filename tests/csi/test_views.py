@@ -356,7 +356,7 @@ def test_volume_heals_after_backend_kill(cluster: Cluster, source: str) -> None:
     pods = [cluster.pod(target)]
     settle_pod(pods[0])
     for round_ in range(3):
-        kill_backend(path)
+        kill_backend(path, wait=False)  # the pods' wait counts from the kill
         for pod in pods:
             rewalk(pod, f"{source}, kill {round_ + 1}")
             assert pod.call("xattr", path="", name="user.pid")["value"] == str(
@@ -381,7 +381,7 @@ def test_volume_recovers_from_a_crash_loop(cluster: Cluster, source: str) -> Non
     target = cluster.publish("vol", source)
     pod = cluster.pod(target)
     settle_pod(pod)
-    kill_backend(path)
+    kill_backend(path, wait=False)
     rewalk(pod, f"{source}, first kill")
     os.kill(serving_pid(path), signal.SIGKILL)  # the second death within the window: a loop
     wait_for(lambda: len([e for e in d.events("healed") if e["repo"] == source]) == 2,
@@ -416,7 +416,7 @@ def test_subpath_at_repository_root_heals(cluster: Cluster) -> None:
     sub = subpath_bind(cluster.kubelet_dir, whole, REPO)
     pod = cluster.pod(sub)
     settle_pod(pod)
-    kill_backend(d.root / REPO)
+    kill_backend(d.root / REPO, wait=False)
     rewalk(pod, "subPath at the repository root")
     assert (sub / "README").read_text() == README
     assert not cluster.stats(whole).volume_condition.abnormal
@@ -437,7 +437,7 @@ def test_volumes_heal_after_every_kind_of_restart(cluster: Cluster) -> None:
         d = cluster.restart(how, cwd=upgraded_package(cluster.tmp) if how == "upgrade" else None)
         for source, pod in pods.items():
             assert pod.read("README") == README
-            kill_backend(d.root / source_path(source))
+            kill_backend(d.root / source_path(source), wait=False)
             rewalk(pod, f"{source}, killed after a {how} restart")
         if kernel.has_move_mount_beneath():
             assert len(kernel.mounts_at(str(d.root))) == 1
@@ -466,7 +466,7 @@ def test_views_soak(cluster: Cluster) -> None:
                 assert pod.read("README") == README
         else:
             for source in (REPO, PIN):
-                kill_backend(d.root / source_path(source))
+                kill_backend(d.root / source_path(source), wait=False)
             for what, pod in pods.items():
                 waited.append(rewalk(pod, f"{what}, soak round {i}"))
     assert Counter(cluster.env.boots()) == Counter({SW: 1 + rounds // 2 + rounds % 2,

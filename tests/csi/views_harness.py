@@ -92,10 +92,12 @@ def serving_pid(path: Path) -> int:
     return int(os.getxattr(path, "user.pid"))
 
 
-def kill_backend(path: Path, timeout: float = 30) -> int:
-    """SIGKILL the cvmfs2 serving path; returns once a new one serves it (by pid)."""
+def kill_backend(path: Path, timeout: float = 30, wait: bool = True) -> int:
+    """SIGKILL the cvmfs2 serving path; returns (with wait, once a new one serves it) its pid."""
     pid = serving_pid(path)
     os.kill(pid, signal.SIGKILL)
+    if not wait:
+        return pid
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(OSError, ValueError):
