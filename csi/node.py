@@ -593,7 +593,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 mounts.run_bounded(lambda p=entry.mount_point: os.statvfs(p), timeout)
             except (OSError, mounts.FsTimeout) as e:
                 what = self._repo_label(entry, table, target)
-                message = self._problem(entry.mount_point, what, e, timeout, False, subpath)
+                below = entry.root if subpath and entry.root not in ("", "/") else None
+                message = self._problem(
+                    entry.mount_point, what, e, timeout, False, subpath, below_root=below
+                )
                 return self._abnormal(message, usage)
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage,
@@ -612,7 +615,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     @staticmethod
     def _problem(
-        where: str, what: str, error: BaseException, timeout: float, whole_root: bool, subpath: bool
+        where: str,
+        what: str,
+        error: BaseException,
+        timeout: float,
+        whole_root: bool,
+        subpath: bool,
+        below_root: str | None = None,
     ) -> str:
         if isinstance(error, mounts.FsTimeout):
             return (
@@ -624,7 +633,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if whole_root:
             return f"{what} at {where}: {text}: cvmfsd is not running; start it again"
         advice = "cvmfsd is not running or the repository's backend died"
-        if subpath:
+        if below_root is not None:
+            # The one view that a repository heal cannot reach (docs/views.md D).
+            advice += (
+                f"; a subPath below a repository's root ({below_root}) is never healed: restart "
+                f"the pod, and {SUBPATH_HINT} (or a subPath of the repository's root)"
+            )
+        elif subpath:
             advice += f"; {SUBPATH_HINT}"
         return f"{what} at {where}: {text}: {advice}"
 

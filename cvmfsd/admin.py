@@ -31,6 +31,7 @@ from .names import InvalidName, check, check_syntax, parse_snapshot
 from .notify import Liveness, Notifier
 from .registry import Registry, Repo
 from .report import DetailReader, counts, iso, repo_entry
+from .usage import ViewMonitor
 
 log = structlog.get_logger("cvmfsd.admin")
 
@@ -62,7 +63,8 @@ class AdminError(Exception):
 class Admin:
     def __init__(self, cfg: Config, registry: Registry, mounter: Mounter, ops: Any,
                  upkeep: HasConfig, *, reloader: Callable[[], Config] | None = None,
-                 config_file: Path | None = None, notifier: Notifier | None = None) -> None:
+                 config_file: Path | None = None, notifier: Notifier | None = None,
+                 views: ViewMonitor | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.mounter = mounter
@@ -75,6 +77,7 @@ class Admin:
         self.liveness_period = period
         self.liveness = Liveness(registry, cfg.root, timeout=min(5.0, period))
         self.details = DetailReader(mounter.calls, cfg.root)
+        self.views = views or ViewMonitor(registry, cfg.root, cfg.staging_dir)
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
         self.requests: dict[tuple[str, str], int] = {}
@@ -262,7 +265,21 @@ class Admin:
             "metrics": None if self.metrics_address is None
             else f"{self.metrics_address[0]}:{self.metrics_address[1]}",
             "fuse_internal_errors": self.ops.internal_errors,
+            **self._views_report(None),
         }
+
+    async def status_report(self) -> dict[str, Any]:
+        """status(), with stale views from a scan at most a few seconds old."""
+        await self.views.refresh()
+        return self.status()
+
+    def _views_report(self, names: set[str] | None) -> dict[str, Any]:
+        """Stale views (mounts of devices no longer served: a subPath below a repository's root
+        after a heal, a pod copy whose connection is gone) from the last scan, and that scan."""
+        scan = self.views.last
+        stale = [s.as_dict() for s in self.views.stale(scan)
+                 if names is None or s.repository.rsplit("/", 1)[-1] in names]
+        return {"stale_views": stale, "views_scan": None if scan is None else scan.summary()}
 
     async def list(self, names: list[str] | None, details: bool) -> dict[str, Any]:
         repos = sorted(self.registry, key=lambda r: r.name)
@@ -272,8 +289,10 @@ class Admin:
             unknown = [n for n in names if n not in known]
             repos = [r for r in repos if r.name in set(names)]
         extra = await self.details.read(repos, deadline=3.0) if details else {}
+        await self.views.refresh()
         return {"repositories": [repo_entry(r, extra.get(r.name)) for r in repos],
-                "unknown": unknown}
+                "unknown": unknown,
+                **self._views_report(None if names is None else set(names))}
 
     # --- operations ---------------------------------------------------------------------------
     def _repo_for(self, name: str) -> Repo:
@@ -331,6 +350,17 @@ class Admin:
                 await repo.settled.wait()
         if repo.state is not State.MOUNTED:
             return {"repository": repo_entry(repo), "changed": False}
+        if not force:
+            # Copies of the mount that umount2 does not see (per-repository and pinned volumes,
+            # subPath binds, pods' copies of them): refused with where they are.
+            usage = await self.views.usage([repo])
+            if repo.state is State.MOUNTED and usage.busy(name):
+                raise AdminError("busy", f"{name} is busy: {usage.why(name)}; --force detaches it "
+                                         "lazily (and stops the pods' view of it)",
+                                 repository=repo_entry(repo),
+                                 uses=[v.as_dict() for v in usage.uses(name)])
+            if repo.state is not State.MOUNTED:
+                return {"repository": repo_entry(repo), "changed": False}
         if not await self.mounter.unmount(repo, reason="cvmfsctl", lazy=force):
             raise AdminError("busy", f"{name} is busy (open files or working directories, "
                                      "maybe inside a pod); --force detaches it lazily",

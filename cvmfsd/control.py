@@ -396,7 +396,7 @@ class Server:
     async def _call(self, cmd: str, args: dict[str, Any]) -> dict[str, Any]:
         admin = self.admin
         if cmd == "status":
-            return admin.status()
+            return await admin.status_report()
         if cmd == "list":
             return await admin.list(args["names"], args["details"])
         if cmd == "mount":

@@ -291,7 +291,24 @@ def render_status(status: dict[str, Any], repos: list[dict[str, Any]], style: St
         width = max(len(r["name"]) for r in repos)
         for repo in repos:
             lines += repo_line(repo, width, style)
+    lines += stale_lines(status.get("stale_views") or [], style)
     return "\n".join(lines)
+
+
+def stale_lines(stale: list[dict[str, Any]], style: Style) -> list[str]:
+    """Dead views of repositories (mounts of a device cvmfsd no longer serves), where they are."""
+    if not stale:
+        return []
+    out = ["", style("red", f"Stale views ({len(stale)}): dead mounts that the next access does "
+                            "not heal; restart what uses them")]
+    for view in stale:
+        shows = "" if view.get("root") in (None, "/") else f" (showing {view['root']})"
+        hint = ("; a subPath below a repository's root never heals: use a `repository:` volume"
+                if shows else "")
+        out.append(f"{style('red', FAILED_GLYPH)} {view.get('repository')}: "
+                   f"{view.get('mountpoint')}{shows} in mount namespace {view.get('ns')} "
+                   f"(pid {view.get('pid')}){hint}")
+    return out
 
 
 def render_list(repos: list[dict[str, Any]], style: Style) -> str:
@@ -328,6 +345,8 @@ def cmd_status(client: Client, args: argparse.Namespace, style: Style) -> int:
         _print_json({"status": status, "repositories": repos,
                      "unknown": listing.get("unknown", [])})
     else:
+        if args.names:  # only the stale views of the repositories asked about
+            status = {**status, "stale_views": listing.get("stale_views", [])}
         print(render_status(status, repos, style))
         for name in listing.get("unknown", []):
             print(f"Repository {name} is not known to cvmfsd (never looked up).")

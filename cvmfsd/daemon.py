@@ -21,14 +21,19 @@ from .children import Children, Tracked, stop_leftovers
 from .config import Config
 from .fs import RootOperations
 from .mounter import Mounter
-from .registry import Registry
+from .registry import Registry, Repo
 from .upkeep import Upkeep
+from .usage import ViewMonitor
 
 log = structlog.get_logger("cvmfsd")
 
 # Seconds between the new root covering the old one and the old repository mounts being
-# detached: path walks that were already inside the old root finish crossing them meanwhile.
+# detached (only where the old root stays): path walks that were already inside the old root
+# finish crossing them meanwhile.
 DETACH_OLD_AFTER = 0.2
+# "0" keeps the stacked takeover even where the kernel could mount beneath (tests of the older
+# kernels' procedure; a way back should the new one misbehave somewhere).
+BENEATH_ENV = "CVMFSD_TAKEOVER_BENEATH"
 
 
 class StartupError(RuntimeError):
@@ -93,10 +98,13 @@ def _root_answers(cfg: Config) -> None:
     os.listdir(cfg.root)
 
 
-async def _adopt(rt: Runtime, plan: takeover.Plan) -> None:
+async def _adopt(rt: Runtime, plan: takeover.Plan) -> list[tuple[Repo, Tracked]]:
     """Attach clones of the previous daemon's live repository mounts to the staged root.
-    Names are marked mounted first, so nothing can boot a second backend for them."""
+    Names are marked mounted first, so nothing can boot a second backend for them. Returns
+    what to watch once the root is published: a backend that dies before that is healed then,
+    not while its path still leads into the old root."""
     staged = rootmount.staged_root(rt.cfg)
+    adopted = []
     for found in plan.adopt:
         repo = rt.registry.get(found.name) or rt.registry.candidate(found.name, found.fqrn,
                                                                    found.pin)
@@ -115,19 +123,56 @@ async def _adopt(rt: Runtime, plan: takeover.Plan) -> None:
                 rt.registry.leave_own_thread()
 
         await trio.to_thread.run_sync(attach)
-        rt.mounter.watch(repo, process)
+        adopted.append((repo, process))
         log.info("adopted", repo=found.name, serving_pid=found.pid)
+    return adopted
 
 
-async def _publish(rt: Runtime) -> None:
-    def publish() -> None:
+def beneath_allowed() -> bool:
+    return os.environ.get(BENEATH_ENV, "1") != "0" and kernel.has_move_mount_beneath()
+
+
+async def _publish(rt: Runtime, plan: takeover.Plan | None) -> None:
+    """Make the staged root the root: over a previous daemon's root, in its place where the
+    kernel can mount beneath (one root layer on the host however often the daemon restarts),
+    else stacked on it (one dead layer more per restart, until reboot)."""
+    old_fd = plan.root_fd if plan is not None else None
+    beneath = old_fd is not None and beneath_allowed()
+
+    def publish() -> rootmount.Replaced | None:
         rt.registry.enter_own_thread()
         try:
+            if beneath:
+                assert old_fd is not None
+                return rootmount.replace(rt.cfg, old_fd)
             rootmount.publish(rt.cfg)
+            return None
         finally:
             rt.registry.leave_own_thread()
 
-    await trio.to_thread.run_sync(publish)
+    replaced = await trio.to_thread.run_sync(publish)
+    if plan is None:
+        return
+    plan.close_root()
+    if replaced is not None and replaced.beneath:
+        # The old repository mounts left with the old root; the clones serve from here on.
+        for found in plan.adopt:
+            takeover.release(found)
+    else:
+        await trio.sleep(DETACH_OLD_AFTER)
+        for found in plan.adopt:
+            await trio.to_thread.run_sync(takeover.detach_old, found)
+    layers = len(await trio.to_thread.run_sync(kernel.mounts_at, str(rt.cfg.root)))
+    if replaced is not None and replaced.beneath:
+        log.info("takeover", procedure="beneath", swap_ms=replaced.swap_ms, root_layers=layers,
+                 old_layers=plan.old_layers)
+    else:
+        why = (replaced.error if replaced is not None else
+               "no previous root held" if old_fd is None else
+               f"{BENEATH_ENV}=0" if os.environ.get(BENEATH_ENV) == "0" else
+               "the kernel has no MOVE_MOUNT_BENEATH")
+        log.warning("takeover", procedure="stacked", root_layers=layers,
+                    old_layers=plan.old_layers, reason=why)
 
 
 async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
@@ -157,7 +202,17 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                 fusedev.mount_control, cfg.staging_dir / "fusectl")
             try:
                 await nursery.start(rt.mounter.run)
-                upkeep = Upkeep(cfg, registry, rt.mounter)
+                views = ViewMonitor(registry, cfg.root, cfg.staging_dir,
+                                    state_file=cfg.run_dir / "views.json")
+                if plan is not None:
+                    # Devices of the previous daemon's mounts, the dead ones and those adopted
+                    # (which have no device recorded): copies of them left in pods once they
+                    # are no longer served are stale views.
+                    for dev, path in (plan.stale_devs or {}).items():
+                        views.learn(dev, path)
+                    for found in plan.adopt:
+                        views.learn(found.dev, found.path)
+                upkeep = Upkeep(cfg, registry, rt.mounter, views)
                 await nursery.start(upkeep.run)
                 fd = await trio.to_thread.run_sync(rootmount.mount_staged, cfg)
                 ops = RootOperations(cfg, registry, rt.mounter)
@@ -174,18 +229,17 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                         fuse_done.set()
 
                 nursery.start_soon(serve_fuse)
+                adopted: list[tuple[Repo, Tracked]] = []
                 if plan is not None:
                     await trio.to_thread.run_sync(takeover.detach_stale, plan)
-                    await _adopt(rt, plan)
-                await _publish(rt)
-                if plan is not None:
-                    await trio.sleep(DETACH_OLD_AFTER)
-                    for found in plan.adopt:
-                        await trio.to_thread.run_sync(takeover.detach_old, found)
+                    adopted = await _adopt(rt, plan)
+                await _publish(rt, plan)
+                for repo, process in adopted:
+                    rt.mounter.watch(repo, process)
                 await trio.to_thread.run_sync(_root_answers, cfg)
                 # --- node admin surface: status socket, sd_notify, metrics (admin.py) -----
                 admin = Admin(cfg, registry, rt.mounter, ops, upkeep, reloader=reloader,
-                              config_file=config_file)
+                              config_file=config_file, views=views)
                 await nursery.start(admin.run)
                 # ---------------------------------------------------------------------------
                 log.info("ready", root=str(cfg.root), version=__version__, pid=os.getpid(),

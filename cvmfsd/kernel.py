@@ -84,11 +84,20 @@ class MountEntry:
     source: str
     options: str
     optional: tuple[str, ...]
+    dev: tuple[int, int] = (0, 0)  # the superblock's (major, minor): one per FUSE connection
 
 
 def unescape_mountinfo(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo octal.
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _dev(field: str) -> tuple[int, int]:
+    major, _, minor = field.partition(":")
+    try:
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:
@@ -103,7 +112,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             mount_id=int(fields[0]), parent_id=int(fields[1]),
             mountpoint=unescape_mountinfo(fields[4]), fstype=rfields[0],
             source=unescape_mountinfo(rfields[1]), options=fields[5],
-            optional=tuple(fields[6:]),
+            optional=tuple(fields[6:]), dev=_dev(fields[2]),
         ))
     return entries
 
@@ -138,6 +147,7 @@ AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOVE_MOUNT_BENEATH = 0x200  # Linux 6.5
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
@@ -177,6 +187,18 @@ def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int = 0, attr_clr
                        ctypes.c_uint(flags), ctypes.byref(attr),
                        ctypes.c_size_t(ctypes.sizeof(attr)))
     _check_rc(rc, "mount_setattr", path)
+
+
+def has_move_mount_beneath() -> bool:
+    """Whether move_mount(2) knows MOVE_MOUNT_BENEATH. The probe cannot mount anything: with
+    both descriptors -1 a kernel that knows the flag fails on the descriptor (EBADF), one that
+    does not fails on the flag (EINVAL), and one without move_mount with ENOSYS."""
+    try:
+        move_mount(-1, "", -1, "", MOVE_MOUNT_BENEATH | MOVE_MOUNT_F_EMPTY_PATH
+                   | MOVE_MOUNT_T_EMPTY_PATH)
+    except OSError as exc:
+        return exc.errno == errno.EBADF
+    return False
 
 
 def open_tree_clone(fd: int) -> int:

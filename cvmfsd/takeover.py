@@ -2,9 +2,12 @@
 
 Its root is dead (ENOTCONN for anything not cached) but its repository mounts keep working for
 the processes that use them, served by their cvmfs2 processes, which outlive the daemon. The new
-daemon clones each live repository mount onto its own staged root, moves that root over the old
-one in one syscall (it propagates into every pod view), then detaches the old repository mounts.
-No repository is booted twice and no reader sees an error (DESIGN.md, "Restart and upgrade").
+daemon clones each live repository mount onto its own staged root and moves that root over the
+old one in one syscall (it propagates into every pod view). Where the kernel can mount beneath,
+the new root then takes the old one's place and the old root leaves with the old repository
+mounts (rootmount.replace); elsewhere the old root stays as a dead layer below and the old
+repository mounts are detached one by one (detach_old). No repository is booted twice and no
+reader sees an error (DESIGN.md, "Restart and upgrade").
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Found:
     pid: int
     fqrn: str
     pin: Pin | None = None
+    dev: tuple[int, int] = (0, 0)
 
     @property
     def path(self) -> str:
@@ -48,12 +52,32 @@ class Found:
 class Plan:
     adopt: list[Found]
     stale: list[str]  # repository mounts that are dead or not adoptable: detached
-    old_layers: int   # dead roots at the root path (left as layers below ours)
+    old_layers: int   # dead roots at the root path
+    # O_PATH fd of the top old root (checked against mountinfo), for rootmount.replace; None
+    # when it could not be opened.
+    root_fd: int | None = None
+    # Devices of the previous daemon's repository mounts that are dead: copies of them left in
+    # pod views are stale views (usage.py), by device, with the path they had under the root.
+    stale_devs: dict[tuple[int, int], str] | None = None
+
+    def close_root(self) -> None:
+        if self.root_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.root_fd)
+            self.root_fd = None
 
     def close(self) -> None:
+        """Idempotent: a descriptor closed twice could be someone else's by then."""
+        self.close_root()
         for found in self.adopt:
-            with contextlib.suppress(OSError):
-                os.close(found.fd)
+            _close_found(found)
+
+
+def _close_found(found: Found) -> None:
+    if found.fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(found.fd)
+        found.fd = -1
 
 
 def _answers(path: str, timeout: float = 2.0) -> bool:
@@ -74,7 +98,7 @@ def _answers(path: str, timeout: float = 2.0) -> bool:
     return bool(result and result[0])
 
 
-def _inspect(cfg: Config, path: str, mount_id: int) -> Found | None:
+def _inspect(cfg: Config, path: str, entry: kernel.MountEntry) -> Found | None:
     """Open a repository mount through the dead root's cached dentries and check that it is a
     live cvmfs2 mount of the repository its name says."""
     name = os.path.basename(path)
@@ -92,14 +116,14 @@ def _inspect(cfg: Config, path: str, mount_id: int) -> Found | None:
     except OSError:
         return None
     try:
-        if kernel.fd_mount_id(fd) != mount_id:
+        if kernel.fd_mount_id(fd) != entry.mount_id:
             raise OSError("not the mount mountinfo lists")
         via_fd = Path(f"/proc/self/fd/{fd}")
         if backend.mounted_fqrn(via_fd) != fqrn:
             raise OSError("serves another repository")
         pid = backend.serving_pid(via_fd)
         os.kill(pid, 0)
-        return Found(name, fd, pid, fqrn, pin)
+        return Found(name, fd, pid, fqrn, pin, entry.dev)
     except (OSError, ValueError):
         os.close(fd)
         return None
@@ -128,14 +152,35 @@ def plan(cfg: Config) -> Plan | None:
             top[entry.mountpoint] = entry
     adopt, stale = [], []
     for path, entry in top.items():
-        found = _inspect(cfg, path, entry.mount_id)
+        found = _inspect(cfg, path, entry)
         if found is None:
             stale.append(path)
         else:
             adopt.append(found)
     stale += [e.mountpoint for e in below if e.mountpoint not in top or
               os.path.dirname(e.mountpoint) not in parents]
-    return Plan(adopt, sorted(set(stale)), len(at_root))
+    live = {found.dev for found in adopt}
+    stale_devs = {e.dev: os.path.relpath(e.mountpoint, root) for e in below
+                  if e.source == "cvmfs2" and e.dev not in live}
+    return Plan(adopt, sorted(set(stale)), len(at_root), _open_root(root, at_root), stale_devs)
+
+
+def _open_root(root: str, at_root: list[kernel.MountEntry]) -> int | None:
+    """The top old root by an O_PATH fd: the walk ends on its root dentry, which asks the dead
+    daemon nothing. None unless it is the mount mountinfo lists on top."""
+    if not at_root:
+        return None
+    try:
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if kernel.fd_mount_id(fd) == at_root[-1].mount_id:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def detach_stale(plan: Plan) -> None:
@@ -158,11 +203,19 @@ def clone_onto(found: Found, target: Path) -> None:
 
 def detach_old(found: Found) -> None:
     """Detach the old repository mount (only that one: the fd points at it, not at the top of
-    its path). Processes with a cwd or open file inside keep working."""
+    its path). Processes with a cwd or open file inside keep working. Only where the old root
+    stays (no rootmount.replace): there, the old mounts serve the host until the old root goes,
+    and go with it."""
+    if found.fd < 0:
+        return
     try:
         kernel.umount(f"/proc/self/fd/{found.fd}", kernel.MNT_DETACH, follow=True)
     except OSError as exc:
         log.warning("old_mount_detach_failed", repo=found.name, error=str(exc))
     finally:
-        with contextlib.suppress(OSError):
-            os.close(found.fd)
+        _close_found(found)
+
+
+def release(found: Found) -> None:
+    """Let go of an old repository mount without detaching it (it left with the old root)."""
+    _close_found(found)

@@ -5,6 +5,9 @@ comparable across processes).
     restart_reader.py host ROOT STOPFILE OUT REPO...
     restart_reader.py pod ROOT VIEWDIR STOPFILE OUT REPO...   (inside unshare --mount)
     restart_reader.py cwd ROOT STOPFILE OUT REPO              (cwd inside the repository)
+    restart_reader.py repo ROOT VIEWDIR STOPFILE OUT REPO     (inside unshare --mount: a slave
+                                                               view of ROOT/REPO alone, like a
+                                                               per-repository volume's pod)
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ EXPECTED = bytes(range(256)) * 64
 def main() -> None:
     mode, root = sys.argv[1], sys.argv[2]
     rest = sys.argv[3:]
-    if mode == "pod":
+    if mode in ("pod", "repo"):
         sys.path.insert(0, os.path.dirname(__file__))
         from podview import MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE, _mount
 
         view, rest = rest[0], rest[1:]
-        _mount(root, view, MS_BIND | MS_REC)
+        source = root if mode == "pod" else os.path.join(root, rest[2])
+        _mount(source, view, MS_BIND | MS_REC)
         _mount(None, view, MS_SLAVE | MS_REC)
         _mount(None, view, MS_REMOUNT | MS_BIND | MS_RDONLY)
         root = view
@@ -46,7 +50,7 @@ def main() -> None:
                     ok = f.read() == EXPECTED
                 os.stat("../README")
             else:
-                base = os.path.join(root, repo)
+                base = root if mode == "repo" else os.path.join(root, repo)
                 os.stat(os.path.join(base, "README"))
                 with open(os.path.join(base, "data", "blob.bin"), "rb") as f:
                     ok = f.read() == EXPECTED

@@ -1,6 +1,7 @@
 """Zero-downtime restart: graceful hand-over, crash, upgrade to a new version, and re-exec in
-place, while readers on the host and in pod-like views read and stat files without a single
-failed operation."""
+place, while readers on the host and in pod-like views (of the whole root, and of one
+repository) read and stat files without a single failed operation; where the kernel can mount
+beneath, the host keeps exactly one root layer throughout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import psutil
 from conftest import DEMO_FILES, REPO_ROOT, Daemon, mounts_under, soak_size
 from podview import PodView
+
+from cvmfsd import kernel
 
 REPOS = ["alice.cern.ch", "atlas.cern.ch", "cms.cern.ch", "lhcb.cern.ch", "sft.cern.ch",
          "oasis.opensciencegrid.org", "icecube.opensciencegrid.org", "ligo.osgstorage.org"]
@@ -67,10 +70,18 @@ def test_restart_without_a_failed_read(start_daemon, env) -> None:  # type: igno
         readers.append(subprocess.Popen([*args, str(stop), str(out / f"{i}.json"), *REPOS]))
     readers.append(subprocess.Popen([sys.executable, str(READER), "cwd", str(d.root), str(stop),
                                      str(out / "cwd.json"), "atlas.cern.ch"]))
+    for repo in ("cms.cern.ch", "ligo.osgstorage.org"):  # per-repository pod views
+        view = env.tmp / f"repo-{repo}"
+        view.mkdir()
+        readers.append(subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", sys.executable, str(READER), "repo",
+             str(d.root), str(view), str(stop), str(out / f"repo-{repo}.json"), repo]))
     pod = PodView(d.root, env.tmp / "podview")  # made before the restarts
     rounds = soak_size(ci=5, full=20)
     windows: list[tuple[str, float, float]] = []
     pids = {d.pid}
+    beneath = kernel.has_move_mount_beneath()
+    layers: list[int] = []
     try:
         time.sleep(1.0)
         for path in ("graceful", "crash", "upgrade", "reexec"):
@@ -92,6 +103,7 @@ def test_restart_without_a_failed_read(start_daemon, env) -> None:  # type: igno
                 assert ready["adopted"] == len(REPOS), ready
                 if path == "upgrade":
                     assert ready["version"] == "99.0.0+upgrade"
+                layers.append(len(kernel.mounts_at(str(d.root))))
                 time.sleep(0.3)
         time.sleep(0.5)
     finally:
@@ -103,7 +115,9 @@ def test_restart_without_a_failed_read(start_daemon, env) -> None:  # type: igno
     ops = sum(r["ops"] for r in results)
     assert failures == 0, [e for r in results for e in r["errors"]][:20]
     assert ops > 1000
-    assert {r["mode"] for r in results} == {"host", "pod", "cwd"}
+    assert {r["mode"] for r in results} == {"host", "pod", "cwd", "repo"}
+    # One root layer on the host however often it restarted; else one dead layer per restart.
+    assert layers == ([1] * len(windows) if beneath else list(range(2, len(windows) + 2)))
 
     # Afterwards: a new repository mounts through a pod view made before the restarts.
     assert pod.do("read", "new.cern.ch/README")["data"] == DEMO_FILES["README"]

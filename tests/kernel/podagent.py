@@ -87,10 +87,11 @@ class Reader:
 
 def _detach_others(base: str, keep: str) -> None:
     mine = []
-    for line in open("/proc/self/mountinfo"):
-        mp = line.split()[4]
-        if mp.startswith(base + "/") and not (mp == keep or mp.startswith(keep + "/")):
-            mine.append(mp)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            if mp.startswith(base + "/") and not (mp == keep or mp.startswith(keep + "/")):
+                mine.append(mp)
     # shallowest first: a detach takes the subtree with it
     for mp in sorted(set(mine), key=lambda p: p.count("/")):
         while True:

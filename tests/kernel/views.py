@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """kexp: which kernel procedures make every kind of pod view heal (issue 13).  Measurement only.
+Run as root:
 
-    sudo /work/main/.venv/bin/python kexp/views.py A [PROC...]   repository heal (a b c c-noprivate d1 d2 d4 d5)
-    sudo /work/main/.venv/bin/python kexp/views.py B             expiry: EBUSY and the ns scan
-    sudo /work/main/.venv/bin/python kexp/views.py C [VARIANT..] root takeover (C0 C1 C2 C3 C4)
-    sudo /work/main/.venv/bin/python kexp/views.py D             subPath below the repo root
+    .venv/bin/python tests/kernel/views.py A [PROC...]    repository heal
+                                                          (a b c c-noprivate d1 d2 d4 d5)
+    .venv/bin/python tests/kernel/views.py B              expiry: EBUSY and the ns scan
+    .venv/bin/python tests/kernel/views.py C [VARIANT..]  root takeover (C0 C1 C2 C3 C4)
+    .venv/bin/python tests/kernel/views.py D              subPath below the repo root
 
 Each run re-executes itself in `unshare -m --propagation private` on a tmpfs of its own at
 /tmp/kexp.<pid>; FUSE servers and pod-like processes are its children, stopped by pid; the
-namespace and every mount in it die with it.  Results go to stdout and kexp/results/<exp>.json.
+namespace and every mount in it die with it.  Results go to stdout and
+tests/kernel/results/<exp>.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,8 +26,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-import contextlib
 
 from lab import (  # noqa: E402
     O_PATHDIR,
@@ -185,7 +187,8 @@ def heal_d5(lab: Lab, new: str, st: dict) -> None:
     anchors.append(a_cur)
 
 
-HEALS = {"a": heal_a, "b": heal_b, "c": heal_c, "c-noprivate": heal_c_noprivate, "d1": heal_d1, "d2": heal_d2, "d4": heal_d4, "d5": heal_d5}
+HEALS = {"a": heal_a, "b": heal_b, "c": heal_c, "c-noprivate": heal_c_noprivate, "d1": heal_d1,
+         "d2": heal_d2, "d4": heal_d4, "d5": heal_d5}
 
 
 def a_world(lab: Lab) -> dict:
@@ -474,7 +477,8 @@ def exp_b(base: str) -> dict:
                     except OSError:
                         pass
             read_only_ms = (time.perf_counter() - t0) * 1000
-            mi_lines = sum(1 for _ in open("/proc/self/mountinfo"))
+            with open("/proc/self/mountinfo") as mi:
+                mi_lines = sum(1 for _ in mi)
             res["scan"][extra] = {"median_ms": round(times[len(times) // 2], 2),
                                   "max_ms": round(times[-1], 2), "namespaces": scan["namespaces"],
                                   "pids": scan["pids"], "users_found": len(scan["users"]),
@@ -640,7 +644,9 @@ def exp_c(base: str, variants: list[str]) -> dict:
                 lab.kill(cur)  # the daemon is SIGKILLed; its root is dead from here on
                 time.sleep(0.2)
                 steps_box: dict = {}
-                steps = try_(lambda: steps_box.update(takeover(lab, variant, new)))
+                # try_ calls it at once: the defaults only pin this iteration's values.
+                steps = try_(lambda lab=lab, variant=variant, new=new, box=steps_box:
+                             box.update(takeover(lab, variant, new)))
                 time.sleep(0.2)
                 reads = rd.finish()
                 reads["PV"] = {k: v for k, v in PV.do("reader_stop").items() if k != "ok"}
@@ -812,7 +818,8 @@ def main() -> None:
                               __file__, *sys.argv[1:]], env={**os.environ, "KEXP_BASE": base})
     finally:
         os.rmdir(base)
-    leaked = [line for line in open("/proc/self/mountinfo") if "kexp" in line]
+    with open("/proc/self/mountinfo") as mi:
+        leaked = [line for line in mi if "kexp" in line]
     print(f"host mounts left by kexp: {len(leaked)}", flush=True)
     sys.exit(rc)
 
