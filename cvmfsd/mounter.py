@@ -255,6 +255,7 @@ class Mounter:
             # Processes waiting in the connection may have spent their one ESTALE retry on the
             # way in: they get the name's own error.
             self._release(repo, self.registry.take_fuse_fd(repo), held, error.errno)
+            self._retry_for_copies(repo)
             return
         assert process is not None
         self.registry.booted(repo, process, trio.current_time(), time.time())
@@ -387,10 +388,26 @@ class Mounter:
         if remount:
             with contextlib.suppress(MountError):  # e.g. the limits: the next access retries
                 self.request(repo)
+        self._retry_for_copies(repo)
         self._release(repo, fd, held, errno.ESTALE,
                       after=repo.attached if repo.state is State.BOOTING else None)
         assert self._nursery is not None
         self._nursery.start_soon(process.stop, STOP_GRACE)
+
+    def _retry_for_copies(self, repo: Repo) -> None:
+        """A failed repository with an anchor has copies elsewhere (volumes in pods) whose
+        processes cannot reach the root to ask for it again: mount it again by itself once its
+        backoff is over (and again after each failure, with its growing backoff)."""
+        if repo.state is not State.FAILED or repo.anchor is None or self._nursery is None:
+            return
+
+        async def later() -> None:
+            await trio.sleep_until(repo.retry_at)
+            if repo.state is State.FAILED and repo.anchor is not None:
+                with contextlib.suppress(MountError):
+                    self.request(repo)
+
+        self._nursery.start_soon(later, name=f"retry {repo.name}")
 
     def _detach(self, repo: Repo, anchor: bool = False) -> int | None:
         """Worker thread: detach what is mounted at the repository's path — first anchored
@@ -458,15 +475,17 @@ class Mounter:
         path = self.cfg.root / repo.path
         self.registry.enter_own_thread()
         try:
+            # umount2 does not see copies outside the root's tree (a volume in a pod), so a
+            # forced unmount anchors whatever it takes away, for them to get the next mount.
+            if lazy_if_busy and repo.anchor is None and not self.closing:
+                repo.anchor = anchors.make(path, self.cfg.root,
+                                           self.cfg.staging_dir / f"anchor-{repo.inode}")
             kernel.umount(path)
         except OSError as exc:
             if exc.errno != errno.EBUSY or not lazy_if_busy:
                 if exc.errno == errno.EBUSY:
                     return False
                 raise
-            if repo.anchor is None and not self.closing:
-                repo.anchor = anchors.make(path, self.cfg.root,
-                                           self.cfg.staging_dir / f"anchor-{repo.inode}")
             kernel.umount(path, kernel.MNT_DETACH)
             log.warning("umount_lazy", repo=repo.path, reason="busy; detached lazily")
         finally:
