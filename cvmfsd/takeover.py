@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -26,6 +28,11 @@ from .names import SNAPSHOTS_DIR, InvalidName, Pin, check, parse_snapshot
 from .rootmount import ours
 
 log = structlog.get_logger("cvmfsd.takeover")
+
+
+# Seconds an old repository mount may take to say what it serves before it counts as dead.
+INSPECT_TIMEOUT = 2.0
+T = TypeVar("T")
 
 
 class TakeoverRefused(RuntimeError):
@@ -80,22 +87,38 @@ def _close_found(found: Found) -> None:
         found.fd = -1
 
 
-def _answers(path: str, timeout: float = 2.0) -> bool:
-    """Does a listing of path succeed in time? (A stat would not reach the daemon: the root's
-    attributes are cached for good.) In a throwaway thread: a stopped daemon would block it."""
-    result: list[bool] = []
+def _in_time(fn: Callable[[], T], timeout: float) -> T:
+    """fn() in a throwaway thread, for calls on mounts whose server may be stopped or gone
+    without its connection ending (a cvmfs2 cache manager keeps a premounted descriptor): the
+    start of the daemon must not wait on them. TimeoutError when no answer in time; the thread
+    stays blocked until the connection ends."""
+    result: list[T] = []
+    error: list[BaseException] = []
 
     def attempt() -> None:
         try:
-            os.listdir(path)
-            result.append(True)
-        except OSError:
-            result.append(False)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
 
     worker = threading.Thread(target=attempt, daemon=True)
     worker.start()
     worker.join(timeout)
-    return bool(result and result[0])
+    if error:
+        raise error[0]
+    if not result:
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    return result[0]
+
+
+def _answers(path: str, timeout: float = 2.0) -> bool:
+    """Does a listing of path succeed in time? (A stat would not reach the daemon: the root's
+    attributes are cached for good.)"""
+    try:
+        _in_time(lambda: os.listdir(path), timeout)
+    except OSError:
+        return False
+    return True
 
 
 def _inspect(cfg: Config, path: str, entry: kernel.MountEntry) -> Found | None:
@@ -119,9 +142,9 @@ def _inspect(cfg: Config, path: str, entry: kernel.MountEntry) -> Found | None:
         if kernel.fd_mount_id(fd) != entry.mount_id:
             raise OSError("not the mount mountinfo lists")
         via_fd = Path(f"/proc/self/fd/{fd}")
-        if backend.mounted_fqrn(via_fd) != fqrn:
+        if _in_time(lambda: backend.mounted_fqrn(via_fd), INSPECT_TIMEOUT) != fqrn:
             raise OSError("serves another repository")
-        pid = backend.serving_pid(via_fd)
+        pid = _in_time(lambda: backend.serving_pid(via_fd), INSPECT_TIMEOUT)
         os.kill(pid, 0)
         return Found(name, fd, pid, fqrn, pin, entry.dev)
     except (OSError, ValueError):

@@ -210,7 +210,7 @@ class Daemon:
         return self.proc.wait(timeout=timeout)
 
 
-def _wait_ready(d: Daemon, timeout: float = 20, count: int = 1) -> None:
+def _wait_ready(d: Daemon, timeout: float = 90, count: int = 1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if d.proc.poll() is not None:
