@@ -13,7 +13,7 @@ from typing import Any
 
 import attack_kit as kit
 import pytest
-from conftest import Daemon, Env, _umount_below, soak_size
+from conftest import Daemon, Env, _umount_below, mounts_under, soak_size
 
 
 @pytest.fixture
@@ -77,3 +77,73 @@ def test_failed_name_lookup_loop_stays_bounded(attack_daemon: Callable[..., Daem
     assert seen == {errno.ENOENT: lookups}
     assert d.env.boots().count(name) == 1
     assert max(after, sampler.peak) - before <= LOOKUP_RSS_BOUND
+
+
+# --- 2. one requester fills the mount slots ----------------------------------------------------
+def refusals(d: Daemon, requester: str, error: int) -> list[dict[str, Any]]:
+    return [r for r in d.events("mount") if r.get("result") == "refused"
+            and r.get("requester") == requester and r.get("errno") == errno.errorcode[error]]
+
+
+def test_one_requester_holds_at_most_its_share_of_mounts(attack_daemon: Callable[..., Daemon],
+                                                         env: Env, pods: kit.Pods) -> None:
+    repos = [f"s{i}.attack.org" for i in range(9)]
+    for repo in repos:
+        env.add_repo(repo)
+    d = attack_daemon(max_mounted=8, requester_mounts=3, expire_timeout=0)
+    readme = [d.path(repo) / "README" for repo in repos]
+    # uid 1001 fills its share and keeps a file open in each; the next name is refused.
+    attacker = kit.Holder(readme[0:4])
+    try:
+        assert list(attacker.result.values()) == [0, 0, 0, errno.ENOSPC], attacker.result
+        # Log lines reach the file through the daemon's log thread: a moment later.
+        refused, = kit.wait_for(lambda: refusals(d, "uid 1001", errno.ENOSPC), 10, "no line")
+        assert refused["repo"] == repos[3] and "requester_mounts" in refused["error"]
+        # Another uid still mounts a new repository...
+        assert kit.run(kit.FIRST_ACCESS, readme[4], uid=kit.OTHER_UID)["errno"] == 0
+        # ...and so does another pod with the same uid: a share of its own, bounded too.
+        pod, procs = pods.new()
+        neighbour = kit.Holder(readme[5:9], pod=procs)
+        try:
+            assert list(neighbour.result.values()) == [0, 0, 0, errno.ENOSPC], neighbour.result
+            refused, = kit.wait_for(lambda: refusals(d, f"uid 1001 pod {pod}", errno.ENOSPC),
+                                    10, "no line")
+            assert refused["repo"] == repos[8]
+        finally:
+            neighbour.close()
+    finally:
+        attacker.close()
+    assert sorted(e["repo"] for e in d.events("mount") if e["result"] == "mounted") == sorted(
+        repos[0:3] + repos[4:8])
+    assert sorted(env.boots()) == sorted(repos[0:3] + repos[4:8])  # a refusal starts nothing
+
+
+def test_slow_failing_boots_of_one_requester_do_not_hold_up_another(
+        attack_daemon: Callable[..., Daemon], env: Env, pods: kit.Pods) -> None:
+    slow = [f"slow{i}.attack.org" for i in range(8)]
+    for name in slow:  # not on the server either: they would fail anyway, only later
+        env.repo_config(name, CVMFS_STANDIN_BOOT_DELAY="60", CVMFS_STANDIN_FAIL="4")
+    d = attack_daemon(max_concurrent_boots=4, requester_boots=2, mount_timeout=90.0)
+    stop = env.tmp / "stop-attack"
+    attacker = kit.start(kit.THREADS, str(d.root / "slow{}.attack.org"), len(slow), stop)
+    try:
+        # The attacker's boots take its two boot slots; its other six names wait their turn.
+        kit.wait_for(lambda: len(env.boots()) >= 2, 30, "the attacker's boots did not start")
+        # (Seen in mountinfo: a stat there would wait in the kernel for the boot too.)
+        kit.wait_for(lambda: {str(d.path(n)) for n in slow} <= set(mounts_under(d.root)), 30,
+                     "the attacker's names were not all premounted")
+        # First accesses by another uid and by another pod of the same uid: both served while
+        # every one of the attacker's boots is still under way.
+        assert kit.run(kit.FIRST_ACCESS, d.path("atlas.cern.ch") / "README",
+                       uid=kit.OTHER_UID)["errno"] == 0
+        _, procs = pods.new()
+        assert kit.run(kit.FIRST_ACCESS, d.path("cms.cern.ch") / "README",
+                       pod=procs)["errno"] == 0
+        assert not [r for r in d.mount_attempts() if r["repo"] in slow], \
+            "a slow boot of the attacker finished first: the first accesses waited for it"
+        assert len([b for b in env.boots() if b in slow]) == 2
+        assert attacker.poll() is None
+    finally:
+        stop.touch()
+        attacker.kill()
+        attacker.communicate(timeout=60)
