@@ -102,7 +102,7 @@ class Config:
     # Prometheus endpoint, "HOST:PORT" or "PORT" (= 127.0.0.1:PORT); empty: off.
     metrics_listen: str = ""
     # What `cvmfsctl probe` mounts and checks, like CVMFS_REPOSITORIES for `cvmfs_config
-    # probe`. Empty: every repository the daemon knows (looked up since it started).
+    # probe`. Empty: the repositories mounted (or booting) now.
     probe_repositories: tuple[str, ...] = ()
 
     @property
