@@ -583,3 +583,59 @@ def test_refusal_lines_are_rate_limited(attack_daemon: Callable[..., Daemon]) ->
     assert_rate_limited(lines, refused + extra)
     assert [r["suppressed"] for r in lines[:10]] == [0] * 10
     assert refused - 10 <= lines[10]["suppressed"] <= refused - 10 + extra
+
+
+# --- 5. the name table ----------------------------------------------------------------------------
+def ctl(d: Daemon | Unlogged, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cvmfsd.ctl", "--socket",
+                           str(d.run_dir / "cvmfsd.sock"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=REPO_ROOT)
+
+
+@pytest.mark.soak
+def test_name_table_stays_bounded(attack_daemon: Callable[..., Daemon], env: Env) -> None:
+    max_names = 4096  # the default
+    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), requester_mounts=1)
+    names = soak_size(ci=5000, full=40_000)
+    before = kit.rss(d.pid)
+    seen = kit.run(kit.STAT_NAMES, str(d.root / "n{}.fail.attack.org"), 0, names,
+                   timeout=3600)
+    # ESTALE, and ENOSPC for the next name while that boot still holds uid 1001's one mount:
+    # test_a_lookup_racing_a_failing_boot_never_sees_estale.
+    assert set(seen) <= {errno.ENOENT, errno.ESTALE, errno.ENOSPC}, seen
+    booted = names - seen.get(errno.ENOSPC, 0)
+    assert len(env.boots()) == booted  # each failing name booted once
+
+    def known() -> dict[str, int]:
+        return status(d)["repositories"]
+
+    # + 1: the name evicted by the last lookup is forgotten by the kernel after it, and stays
+    # remembered (a failure) until the next lookup trims the table (see the report).
+    counts = kit.wait_for(
+        lambda: (c := known())["total"] <= max_names + c["mounted"] + 1 and c, 60,
+        f"more names kept than max_names: {known()}")
+    after = kit.rss(d.pid)
+    print(f"\n{names} failing names: {counts}; RSS {mib(before)} -> {mib(after)}")
+    # The oldest names were forgotten by the kernel and dropped: a lookup is a new boot.
+    assert kit.run(kit.STAT_LOOP, d.path("n0.fail.attack.org"), 1) == {errno.ENOENT: 1}
+    assert len(env.boots()) == booted + 1
+    # The newest are remembered with their backoff: no boot.
+    assert kit.run(kit.STAT_LOOP, d.path(env.boots()[-2]), 1) == {errno.ENOENT: 1}
+    assert len(env.boots()) == booted + 1
+    # Refused names never become entries: uid 1001 holds its one mount, then looks up more.
+    holder = kit.Holder([d.path("lhcb.cern.ch") / "README"])
+    try:
+        total = known()["total"]
+        refused = kit.run(kit.STAT_NAMES, str(d.root / "r{}.fail.attack.org"), 0, names // 4,
+                          timeout=3600)
+        assert refused == {errno.ENOSPC: names // 4}, refused
+        assert known()["total"] == total
+    finally:
+        holder.close()
+    # Everything still works: a new repository for another user, the admin's probe of every
+    # name the daemon knows.
+    serves(d, "atlas.cern.ch")
+    probe = ctl(d, "probe", "--json")
+    assert probe.returncode in (0, 3), probe.stderr
+    results = json.loads(probe.stdout)["results"]
+    assert {r["name"] for r in results if r["ok"]} >= {"atlas.cern.ch", "lhcb.cern.ch"}
