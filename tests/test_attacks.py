@@ -723,3 +723,79 @@ def test_failed_pins_leave_no_workspace(attack_daemon: Callable[..., Daemon],
     kit.wait_for(lambda: len(d.mount_attempts()) == 20, 60, "the boots did not fail")
     assert d.stop() == 0
     assert workspaces(versioned) == []
+
+
+# --- 7. a hung backend ----------------------------------------------------------------------------
+class Stopped:
+    """SIGSTOP a serving cvmfs2 that our daemon reported; SIGCONT it at the end if it is still
+    that process (pid and start time)."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.process.suspend()
+
+    def gone(self) -> bool:
+        try:
+            return self.process.status() == psutil.STATUS_ZOMBIE or not self.process.is_running()
+        except psutil.NoSuchProcess:
+            return True
+
+    def resume(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            if self.process.is_running():  # compares the start time too
+                self.process.resume()
+
+
+def serving_pid(d: Daemon, repo: str) -> int:
+    pids = [r["serving_pid"] for r in d.mount_attempts(repo) if r["result"] == "mounted"]
+    return pids[-1]
+
+
+def test_a_hung_backend_is_reported_killed_and_healed(attack_daemon: Callable[..., Daemon],
+                                                      env: Env) -> None:
+    hung, idle, busy = "atlas.cern.ch", "cms.cern.ch", "alice.cern.ch"
+    d = attack_daemon(backend_hung_timeout=6.0, reconcile_interval=0.5, expire_timeout=2.0,
+                      expire_min_age=0.5)
+    holder = kit.Holder([d.path(hung) / "README", d.path(busy) / "README"])
+    assert list(holder.result.values()) == [0, 0]
+    assert kit.run(kit.FIRST_ACCESS, d.path(idle) / "README")["errno"] == 0
+    d.wait_mounted(hung, idle, busy)
+    stopped = Stopped(serving_pid(d, hung))
+    reader = None
+    try:
+        # The daemon's next call on it (expiry's idle counter) hangs: reported, not waited for.
+        problem = f"1 repositories' cvmfs2 not answering: {hung}"
+        kit.wait_for(lambda: any(p.startswith(problem) for p in status(d)["problems"]), 30,
+                     "the hung backend is not reported")
+        out = ctl(d, "status")
+        assert out.returncode == 3 and "not answering" in out.stdout, out.stdout
+        # Upkeep goes on for the others: the idle one expires, the busy one stays.
+        kit.wait_for(lambda: [e for e in d.events("unmounted") if e["repo"] == idle], 30,
+                     "the idle repository was not expired")
+        # Many calls on the hung one hold no more threads: new repositories still mount.
+        for _ in range(soak_size(ci=100, full=1000)):
+            reply = kit.control(d.run_dir / "cvmfsd.sock", "probe", names=[hung], timeout=5)
+            assert reply["ok"] and not reply["result"]["ok"], reply
+            assert kit.control(d.run_dir / "cvmfsd.sock", "list")["ok"]
+        threads = psutil.Process(d.pid).num_threads()
+        serves(d, "lhcb.cern.ch")
+        serves(d, "sft.cern.ch", uid=kit.OTHER_UID + 1)
+        # A reader that comes now waits in the kernel for the stopped cvmfs2...
+        reader = kit.start(kit.FIRST_ACCESS, d.path(hung) / "data" / "blob.bin")
+        # ...until backend_hung_timeout: killed, healed, and the reader is served by the new one.
+        kit.wait_for(stopped.gone, 60, "the hung backend was not killed")
+        assert [e for e in d.events("backend_hung") if e["repo"] == hung]
+        out, err = reader.communicate(timeout=60)
+        assert kit.decode(out.strip())["errno"] == 0, (out, err)
+        kit.wait_for(lambda: serving_pid(d, hung) != stopped.process.pid, 30,
+                     "no new mount logged")
+        assert kit.run(kit.FIRST_ACCESS, d.path(hung) / "README")["errno"] == 0
+        kit.wait_for(lambda: not status(d)["problems"], 30, "still degraded after healing")
+        assert not [e for e in d.events("unmounted") if e["repo"] == busy]
+        print(f"\ndaemon threads after the probes: {threads}")
+    finally:
+        stopped.resume()
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.communicate()
+        holder.close()
