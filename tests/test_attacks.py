@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -799,3 +800,73 @@ def test_a_hung_backend_is_reported_killed_and_healed(attack_daemon: Callable[..
             reader.kill()
             reader.communicate()
         holder.close()
+
+
+# --- 8. a killed daemon's boots; signals ----------------------------------------------------------
+def test_boots_of_a_killed_daemon_are_stopped_by_the_next(attack_daemon: Callable[..., Daemon],
+                                                          env: Env) -> None:
+    names = [f"k{i}.attack.org" for i in range(soak_size(ci=12, full=20))]
+    for name in names:
+        env.add_repo(name)
+        env.repo_config(name, CVMFS_STANDIN_BOOT_DELAY="8")
+    config = {"max_concurrent_boots": 32, "requester_boots": 32, "mount_timeout": 30.0}
+    first = attack_daemon(**config)
+    waiting = [kit.start(kit.FIRST_ACCESS, first.path(n) / "README") for n in names]
+    try:
+        kit.wait_for(lambda: len(env.boots()) == len(names), 60, "the boots did not start")
+        kit.wait_for(lambda: len(list((first.run_dir / "boots").iterdir())) == len(names), 30,
+                     "the boots were not recorded")
+        launchers = {}
+        for line in env.boots_log.read_text().splitlines():
+            pid = int(line.split()[0])
+            launchers[pid] = psutil.Process(pid).create_time()
+        first.proc.kill()
+        assert first.proc.wait(timeout=30) == -signal.SIGKILL
+        second = attack_daemon(**config)
+        # The launchers it left are stopped (exactly those: pid and start time recorded)...
+        stopped, = kit.wait_for(lambda: second.events("leftover_boots_stopped"), 30,
+                                "no leftover_boots_stopped line")
+        assert sorted(stopped["pids"]) == sorted(launchers)
+        reap(list(launchers))
+        for pid, created in launchers.items():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p = psutil.Process(pid)
+                assert p.create_time() != created or p.status() == psutil.STATUS_ZOMBIE
+        # ...so no workspace stays locked: every name mounts (a held lock: EIO at mount_timeout).
+        accesses = [kit.start(kit.FIRST_ACCESS, second.path(n) / "README") for n in names]
+        results = [kit.decode(a.communicate(timeout=120)[0].strip()) for a in accesses]
+        assert [r["errno"] for r in results] == [0] * len(names)
+        assert Counter(env.boots()) == Counter({n: 2 for n in names})
+    finally:
+        for w in waiting:
+            with contextlib.suppress(OSError):
+                w.kill()
+            w.communicate(timeout=60)
+
+
+def test_meaningless_signals_are_ignored(attack_daemon: Callable[..., Daemon]) -> None:
+    d = attack_daemon()
+    for sig in (signal.SIGUSR1, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO,
+                signal.SIGPWR):
+        os.kill(d.pid, sig)
+    serves(d, "atlas.cern.ch")
+    assert d.proc.poll() is None
+    assert status(d)["state"] == "running"
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.2, 1.0])
+def test_sigterm_during_a_reexec_stops_cleanly(attack_daemon: Callable[..., Daemon],
+                                               delay: float) -> None:
+    """SIGUSR2 (re-exec in place), then SIGTERM at once or during the new interpreter's start:
+    the daemon stops as asked (every repository unmounted, exit 0), neither killed by the
+    default action nor re-executed with the SIGTERM lost."""
+    d = attack_daemon()
+    serves(d, "atlas.cern.ch")
+    d.wait_mounted("atlas.cern.ch")
+    os.kill(d.pid, signal.SIGUSR2)
+    time.sleep(delay)  # where the SIGTERM lands: the old interpreter, the exec, the new one
+    os.kill(d.pid, signal.SIGTERM)
+    assert d.proc.wait(timeout=60) == 0
+    assert not mounts_under(d.root)
+    assert d.events("stopped")[-1]["mode"] == "unmount"
