@@ -207,6 +207,16 @@ def run(code: str, *args: str | os.PathLike[str], uid: int | None = ATTACKER_UID
     return decode(done.stdout.strip().splitlines()[-1])
 
 
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Its output once it exits; killed (by its pid) if it does not within timeout."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 def decode(line: str) -> Any:
     value = json.loads(line)
     if isinstance(value, dict) and all(k.lstrip("-").isdigit() for k in value):

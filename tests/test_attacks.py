@@ -168,7 +168,7 @@ def test_slow_failing_boots_of_one_requester_do_not_hold_up_another(
     finally:
         stop.touch()
         attacker.kill()
-        attacker.communicate(timeout=60)
+        kit.finish(attacker, 60)
 
 
 
@@ -214,7 +214,7 @@ def test_two_pods_do_not_take_every_boot_slot(attack_daemon: Callable[..., Daemo
     finally:
         for a in attackers:
             a.kill()
-            a.communicate(timeout=60)
+            kit.finish(a, 60)
 
 # --- 3. many threads on slow-failing names -------------------------------------------------------
 def slow_failing(env: Env, domain: str, delay: float, code: int = 4) -> None:
@@ -281,7 +281,7 @@ def test_many_threads_on_slow_failing_names_leave_the_root_to_others(
     finally:
         stop.touch()
         attacker.kill()
-        attacker.communicate(timeout=60)
+        kit.finish(attacker, 60)
         sampler.stop()
     print(f"\n{threads} threads: {premounted()} names premounted, "
           f"{len(refusals(d, 'uid 1001', errno.ENOSPC))} refusal lines; RSS "
@@ -343,7 +343,7 @@ def test_requests_waiting_in_the_root_beyond_the_share_get_eagain(
                        pod=procs)["errno"] == 0
     finally:
         stop.touch()
-        out, _ = attacker.communicate(timeout=300)
+        out, _ = kit.finish(attacker, 300)
     seen = kit.decode(out.strip().splitlines()[-1])
     print(f"\n{threads} threads: {seen}; {len(eagain_lines())} EAGAIN lines")
     # ESTALE: see test_a_lookup_racing_a_failing_boot_never_sees_estale.
@@ -370,7 +370,7 @@ def test_a_lookup_racing_a_failing_boot_never_sees_estale(
                      "the attacker's names did not fail")
     finally:
         stop.touch()
-        out, _ = attacker.communicate(timeout=300)
+        out, _ = kit.finish(attacker, 300)
     seen = kit.decode(out.strip().splitlines()[-1])
     print(f"\n{seen}")
     assert set(seen) == {errno.ENOENT}, seen
@@ -786,7 +786,7 @@ def test_a_hung_backend_is_reported_killed_and_healed(attack_daemon: Callable[..
         # ...until backend_hung_timeout: killed, healed, and the reader is served by the new one.
         kit.wait_for(stopped.gone, 60, "the hung backend was not killed")
         assert [e for e in d.events("backend_hung") if e["repo"] == hung]
-        out, err = reader.communicate(timeout=60)
+        out, err = kit.finish(reader, 60)
         assert kit.decode(out.strip())["errno"] == 0, (out, err)
         kit.wait_for(lambda: serving_pid(d, hung) != stopped.process.pid, 30,
                      "no new mount logged")
@@ -834,14 +834,15 @@ def test_boots_of_a_killed_daemon_are_stopped_by_the_next(attack_daemon: Callabl
                 assert p.create_time() != created or p.status() == psutil.STATUS_ZOMBIE
         # ...so no workspace stays locked: every name mounts (a held lock: EIO at mount_timeout).
         accesses = [kit.start(kit.FIRST_ACCESS, second.path(n) / "README") for n in names]
-        results = [kit.decode(a.communicate(timeout=120)[0].strip()) for a in accesses]
+        waiting += accesses
+        results = [kit.decode(kit.finish(a, 120)[0].strip()) for a in accesses]
         assert [r["errno"] for r in results] == [0] * len(names)
         assert Counter(env.boots()) == Counter({n: 2 for n in names})
     finally:
         for w in waiting:
-            with contextlib.suppress(OSError):
+            if w.poll() is None:
                 w.kill()
-            w.communicate(timeout=60)
+            w.communicate()
 
 
 def test_meaningless_signals_are_ignored(attack_daemon: Callable[..., Daemon]) -> None:
