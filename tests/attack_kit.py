@@ -45,6 +45,20 @@ for _ in range(n):
 print(json.dumps(seen))
 """
 
+# Stat one path until STOPFILE exists; prints the count.
+STAT_UNTIL = r"""
+import json, os, sys
+path, stop = sys.argv[1], sys.argv[2]
+n = 0
+while n % 1000 or not os.path.exists(stop):
+    try:
+        os.stat(path)
+    except OSError:
+        pass
+    n += 1
+print(json.dumps({"lookups": n}))
+"""
+
 # Stat names PATTERN.format(i) for i in [start, stop) once each; errno -> count.
 STAT_NAMES = r"""
 import json, os, sys
