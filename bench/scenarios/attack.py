@@ -4,10 +4,11 @@ attacks, and the daemon's memory over the attack.
 
 Per attack, two fresh cvmfsd instances run side by side with the same configuration: `base`
 (nobody attacks it) and `attacked`. The attack runs against `attacked` for `attack_seconds`
-from the moment it is at full pressure; meanwhile, in `attack_reps` repetitions (the two
-instances in a rotated order), a fresh worker stats README in a never-mounted repository of each
-instance — as another user (uid 1002) in even repetitions, as a process of another pod with the
-attacker's own uid (1001) in odd ones, the fairness key cvmfsd must tell apart. Each legitimate
+from the moment it is at full pressure; meanwhile, in `attack_reps` repetitions spread evenly
+over that time (the two instances in a rotated order), a fresh worker stats README in a
+never-mounted repository of each instance — as another user (uid 1002) in even repetitions, as
+a process of another pod with the attacker's own uid (1001) in odd ones, the fairness key
+cvmfsd must tell apart. Each legitimate
 repository is unmounted after its access (cvmfsctl umount), so every repetition starts alike.
 
 Reported per attack and instance: first access (median, min, max, p99), the run time of the
@@ -129,11 +130,15 @@ def _one(ctx: Context, attack: str, pods: Any) -> dict[str, Any]:
         samplers = {c: kit.RssSampler(s.daemon_pid(), period=0.5) for c, s in systems.items()}
         attacker = _start(ctx, attack, target, stop)
         stack.callback(attacker.stop)
-        began = time.monotonic()
         pressure_s = attacker.wait_pressure()
         ctx.say(f"{attack}: at full pressure after {pressure_s:.1f} s ({attacker.describe()})")
         samples: dict[str, list[dict[str, Any]]] = {c: [] for c in systems}
+        pressed = time.monotonic()
         for rep in range(sz.attack_reps):
+            # Spread over the attack: its later phases count too (past max_names, past
+            # backend_hung_timeout).
+            time.sleep(max(0.0, pressed + rep * sz.attack_seconds / sz.attack_reps
+                           - time.monotonic()))
             who, prefix = _requester(rep, pods)
             line = []
             for cond in rotated(list(systems), rep):
@@ -157,7 +162,7 @@ def _one(ctx: Context, attack: str, pods: Any) -> dict[str, Any]:
                             force=True, timeout=60)
             ctx.say(f"{attack} rep {rep + 1}/{sz.attack_reps} ({who}): " + ", ".join(line))
         # The rest of the attack's time: memory keeps being sampled.
-        time.sleep(max(0.0, began + pressure_s + sz.attack_seconds - time.monotonic()))
+        time.sleep(max(0.0, pressed + sz.attack_seconds - time.monotonic()))
         status = kit.control(target.run_dir / "cvmfsd.sock", "status")
         rss = {c: _rss(s.stop()) for c, s in samplers.items()}
         attack_result = attacker.stop()
