@@ -655,13 +655,23 @@ def test_name_table_stays_bounded(attack_daemon: Callable[..., Daemon], env: Env
 
 
 # --- 6. backoff; pinned instances ---------------------------------------------------------------
+BEYOND_MAX_NAMES = pytest.mark.xfail(strict=True, reason="defect found by the attacks (see the "
+                                     "report of branch attacks-12): failures are remembered in "
+                                     "the LRU of max_names, so rounds over more failing names "
+                                     "than that forget each one before it comes again")
+
+
 @pytest.mark.soak
-def test_failing_names_boot_once_over_rounds(attack_daemon: Callable[..., Daemon],
-                                             env: Env) -> None:
+def test_failing_names_boot_once_over_rounds(attack_daemon: Callable[..., Daemon], env: Env,
+                                             request: pytest.FixtureRequest) -> None:
     """The issue's 3 rounds over 5,000 failing names started 15,019 cvmfs2 (backoff 2 s); with
-    the default backoff (60 s, then doubling) each name boots once."""
+    the default backoff (60 s, then doubling) each name boots once. The issue's own size is
+    beyond the default max_names (4,096): 15,000 boots still (the full size is expected to
+    fail, see test_failing_names_beyond_max_names_boot_once_over_rounds)."""
     d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")))
     names = soak_size(ci=200, full=5000)
+    if names > 4096:
+        request.applymarker(BEYOND_MAX_NAMES)
     for _ in range(3):
         seen = kit.run(kit.STAT_NAMES, str(d.root / "n{}.fail.attack.org"), 0, names,
                        timeout=3600)
@@ -669,6 +679,16 @@ def test_failing_names_boot_once_over_rounds(attack_daemon: Callable[..., Daemon
         assert set(seen) <= {errno.ENOENT, errno.ESTALE}, seen
     print(f"\n3 rounds over {names} failing names: {len(env.boots())} boots")
     assert len(env.boots()) == names
+
+
+@BEYOND_MAX_NAMES
+def test_failing_names_beyond_max_names_boot_once_over_rounds(
+        attack_daemon: Callable[..., Daemon], env: Env) -> None:
+    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), max_names=16)
+    for _ in range(3):
+        seen = kit.run(kit.STAT_NAMES, str(d.root / "n{}.fail.attack.org"), 0, 32)
+        assert set(seen) <= {errno.ENOENT, errno.ESTALE}, seen
+    assert len(env.boots()) == 32
 
 
 SW = "sw.cern.ch"
