@@ -220,9 +220,12 @@ class Worker:
     """A `bench/worker.py` subprocess: it starts, imports, says "ready", then waits for a go byte
     on stdin. Timing happens inside it, so process start-up never counts."""
 
-    def __init__(self, *args: str, stdin: int | None = None, cwd: str = "/") -> None:
+    def __init__(self, *args: str, stdin: int | None = None, cwd: str = "/",
+                 prefix: Sequence[str] = ()) -> None:
+        """prefix: what runs the worker (e.g. setpriv as another user: the attack scenario's
+        legitimate requesters)."""
         self.proc = subprocess.Popen(
-            [PY, str(WORKER), *args],
+            [*prefix, PY, str(WORKER), *args],
             stdin=stdin if stdin is not None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -283,9 +286,10 @@ def run_rounds(specfile: Path, mode: str, systems: dict[str, list[str]],
     return run_worker("rounds", str(specfile))
 
 
-def run_worker(*args: str, timeout: float = 600.0) -> dict[str, Any]:
+def run_worker(*args: str, timeout: float = 600.0,
+               prefix: Sequence[str] = ()) -> dict[str, Any]:
     """Start a worker, wait until it is ready, let it go, return its JSON result."""
-    worker = Worker(*args)
+    worker = Worker(*args, prefix=prefix)
     try:
         worker.ready()
         worker.go()

@@ -79,7 +79,8 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     lines += ["", f"Reference figures from the issue (real cvmfs2 2.12, {measured_on}): "
               + ", ".join(f"{k.replace('_', ' ')} {val}" for k, val in ref.items()) + ".", ""]
     for name, fn in (("cold", _md_cold), ("metadata", _md_meta), ("reads", _md_reads),
-                     ("storm", _md_storm), ("footprint", _md_footprint), ("csi", _md_csi)):
+                     ("storm", _md_storm), ("footprint", _md_footprint), ("csi", _md_csi),
+                     ("attack", _md_attack)):
         if name not in sc:
             continue
         res = sc[name]
@@ -219,6 +220,36 @@ def _md_csi(res: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _md_attack(res: dict[str, Any]) -> list[str]:
+    p = res["params"]
+    rows = [f"Per attack, two fresh cvmfsd instances side by side, one attacked for "
+            f"{p['seconds']:g} s at full pressure; {p['reps']} legitimate first accesses of "
+            "new repositories per instance (rotated order), alternately by another uid and "
+            f"by another pod with the attacker's uid (pods: {p['pods']}). *boot*: the cvmfs2 "
+            "launcher's own run time inside the access; *over boot*: first access minus it. "
+            "RSS of the attacked daemon, sampled every 0.5 s.", "",
+            "| attack | first access ms, attacked | unattacked | ratio | boot ms, attacked "
+            "| over boot ms, attacked (unattacked) | errors | RSS MiB start / peak / end "
+            "| 2nd half | attack |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, a in res["attacks"].items():
+        hit, base = a["conditions"]["attacked"], a["conditions"]["base"]
+        rss = a["rss"]["attacked"]
+        rows.append(
+            f"| {name} | {_span(hit['first_access_ms'], '.0f')} | "
+            f"{_span(base['first_access_ms'], '.0f')} | {_f(a['ratio'], '.2f')} | "
+            f"{_span(hit['launcher_ms'], '.0f')} | {_f(hit['overhead_ms']['median'], '+.1f')} "
+            f"({_f(base['overhead_ms']['median'], '+.1f')}) | {hit['errors']} "
+            f"({base['errors']}) | {_f(rss['start_mib'], '.1f')} / {_f(rss['peak_mib'], '.1f')}"
+            f" / {_f(rss['end_mib'], '.1f')} | {_f(rss['second_half_growth_mib'], '+.1f')} | "
+            + ", ".join(f"{k} {v}" for k, v in a["attack"].items()) + " |")
+    problems = {n: a["status_after"].get("problems") for n, a in res["attacks"].items()
+                if a["status_after"].get("problems")}
+    if problems:
+        rows += ["", "Attacked daemon's problems at the end: " + "; ".join(
+            f"{n}: {', '.join(p)}" for n, p in problems.items())]
+    return rows
+
+
 # --- plots --------------------------------------------------------------------------------------
 def _plots(r: dict[str, Any], out: Path) -> dict[str, str]:
     try:
@@ -232,7 +263,8 @@ def _plots(r: dict[str, Any], out: Path) -> dict[str, str]:
     sc = r["scenarios"]
     made = {}
     for name, fn in (("cold", _plot_cold), ("metadata", _plot_warm), ("storm", _plot_storm),
-                     ("footprint", _plot_footprint), ("csi", _plot_csi)):
+                     ("footprint", _plot_footprint), ("csi", _plot_csi),
+                     ("attack", _plot_attack)):
         if sc.get(name, {}).get("status") != "ok":
             continue
         if name == "metadata" and sc.get("reads", {}).get("status") != "ok":
@@ -378,6 +410,31 @@ def _plot_csi(plt: Any, sc: dict[str, Any]) -> Any:
     return fig
 
 
+def _plot_attack(plt: Any, sc: dict[str, Any]) -> Any:
+    attacks = sc["attack"]["attacks"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, (name, a) in enumerate(attacks.items()):
+        colour = f"C{i}"
+        for cond, style in (("attacked", "-"), ("base", ":")):
+            pts = a["rss"][cond]["samples"]
+            if pts:
+                ax1.plot([t for t, _ in pts], [r for _, r in pts], style, color=colour,
+                         label=name if cond == "attacked" else None)
+        for j, cond in enumerate(("base", "attacked")):
+            vals = [s["ms"] for s in a["conditions"][cond]["samples"] if not s["errno"]]
+            ax2.scatter([i * 3 + j] * len(vals), vals, s=12, color=colour,
+                        marker="o" if cond == "attacked" else "x")
+    ax1.set_xlabel("seconds (dotted: the unattacked instance)")
+    ax1.set_ylabel("daemon RSS MiB")
+    ax1.legend(fontsize=7)
+    ax2.set_xticks([i * 3 + 0.5 for i in range(len(attacks))])
+    ax2.set_xticklabels(list(attacks), rotation=20, fontsize=7)
+    ax2.set_ylabel("legitimate first access ms (x: unattacked)")
+    ax2.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
 if __name__ == "__main__":
     # Re-render a results file: python -m bench.report bench/results/results.json [OUT]
     import sys
@@ -386,3 +443,4 @@ if __name__ == "__main__":
     for path in write(json.loads(source.read_text()), Path(sys.argv[2]) if len(sys.argv) > 2
                       else source.parent):
         print(path)
+

@@ -169,4 +169,48 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row("rss_idle", "daemon RSS <= 30 MB idle", None, "not measured"))
         rows.append(_row("rss_per_repo", "<= 100 KB more per mounted repository", None,
                          "not measured"))
+    rows += _attack_rows(sc)
+    return rows
+
+
+# The daemon's memory under an attack: flat once the attack's state is established (what it may
+# hold is bounded by configuration: max_names, the shares), within this much of where it began.
+ATTACK_RSS_GROWTH_MIB = 8.0      # over the second half of the attack
+ATTACK_RSS_PEAK_MIB = 64.0       # peak above the start
+
+
+def _attack_rows(sc: dict[str, Any]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    attacks = _get(sc, "attack", "attacks") or {}
+    if _get(sc, "attack", "status") != "ok" or not attacks:
+        return [_row("attack", "under attack: a legitimate first access within its boot time "
+                     "+ 100 ms", None, "not measured")]
+    seconds = _get(sc, "attack", "params", "seconds")
+    for name, res in attacks.items():
+        hit, base = res["conditions"]["attacked"], res["conditions"]["base"]
+        over = hit["overhead_ms"]
+        if over["median"] is None:
+            rows.append(_row(f"attack_{name}", f"under attack ({name}): a legitimate first "
+                             "access within its boot time + 100 ms", False,
+                             f"no access succeeded (errors {hit['errors']}, errno "
+                             f"{hit['errnos']})"))
+        else:
+            rows.append(_row(
+                f"attack_{name}", f"under attack ({name}): a legitimate first access within "
+                "its boot time + 100 ms", hit["errors"] == 0 and over["median"] <= 100,
+                f"{over['median']:+.0f} ms over its boot (median; max {over['max']:+.0f}); first "
+                f"access {hit['first_access_ms']['median']:.0f} ms vs "
+                f"{base['first_access_ms']['median']:.0f} ms unattacked ({res['ratio']}x); "
+                f"errors {hit['errors']}"))
+        rss = res["rss"]["attacked"]
+        if rss["start_mib"] is not None:
+            growth, peak = rss["second_half_growth_mib"], rss["peak_mib"] - rss["start_mib"]
+            rows.append(_row(
+                f"attack_{name}_rss", f"under attack ({name}): daemon RSS bounded (peak <= "
+                f"start + {ATTACK_RSS_PEAK_MIB:g} MiB, <= {ATTACK_RSS_GROWTH_MIB:g} MiB growth "
+                "over the second half)",
+                peak <= ATTACK_RSS_PEAK_MIB and (growth or 0) <= ATTACK_RSS_GROWTH_MIB,
+                f"{rss['start_mib']:.1f} -> peak {rss['peak_mib']:.1f} -> end "
+                f"{rss['end_mib']:.1f} MiB over {seconds:g} s at pressure + the accesses; "
+                f"second half {growth:+.1f} MiB"))
     return rows

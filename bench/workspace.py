@@ -162,8 +162,10 @@ class Workspace:
         d.mkdir(parents=True, exist_ok=True)
         extra: tuple[Path, ...] = ()
         if self.real is None:
-            # cvmfs2 does not create its loader socket directory (a missing one is exit 5).
-            (d / "reload").mkdir(exist_ok=True)
+            # cvmfs2 does not create its loader socket directory (a missing one is exit 5), and
+            # cvmfsd starts it with the cvmfs user's ids where that user exists (cvmfs2_user),
+            # which the stand-in drops to as the real client does: the user's own, as for --real.
+            realrepo.prepare_dirs(d / "cache", d / "reload")
             client_config = write_config(
                 d / "client.conf",
                 CVMFS_SERVER_URL=f"file://{self.server}/@fqrn@",

@@ -399,7 +399,11 @@ class Admin:
         if self.mounter.closing:
             raise AdminError("shutting_down", "cvmfsd is shutting down")
         if names is None:
-            names = list(self.cfg.probe_repositories) or sorted(r.name for r in self.registry)
+            # Not every name seen: any user can make those up to max_names (4,096 by default,
+            # more than a probe takes), failed ones among them, whose backoff a probe overrides
+            # (one boot each, of names an attacker chose). What is in use is what to check.
+            names = list(self.cfg.probe_repositories) or sorted(
+                r.name for r in self.registry if r.state in (State.MOUNTED, State.BOOTING))
         if len(names) > MAX_NAMES:
             raise AdminError("bad_request", f"at most {MAX_NAMES} names per probe")
         wait = self._timeout(timeout)

@@ -160,7 +160,7 @@ class Config:
                                   "Bearer <token>` (Prometheus: authorization.credentials_file); "
                                   "\"\" = no token", restart=True, metavar="PATH")
     probe_repositories: tuple[str, ...] = key(
-        (), "what `cvmfsctl probe` checks; empty = every repository seen since the start",
+        (), "what `cvmfsctl probe` checks; empty = the repositories mounted (or booting) now",
         metavar="NAME",
         doc="Like CVMFS_REPOSITORIES for `cvmfs_config probe`. For example:\n"
             "  probe_repositories = [\"cvmfs-config.cern.ch\", \"atlas.cern.ch\"]")

@@ -433,7 +433,7 @@ def cmd_probe(client: Client, args: argparse.Namespace, style: Style) -> int:
     else:
         status = client.call("status")
         if not result["results"]:
-            print("Nothing to probe (no repository known; name some, or set "
+            print("Nothing to probe (no repository mounted; name some, or set "
                   "probe_repositories).")
         for item in result["results"]:
             where = f"{status.get('root')}/{item['name']}"

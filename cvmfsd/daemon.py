@@ -276,6 +276,10 @@ async def _until_stop(rt: Runtime, fuse_done: trio.Event) -> None:
                 async for signum in received:
                     log.info("stopping", signal=signal.Signals(signum).name,
                              mode=str(modes[signum]))
+                    if rt.stop_requested.is_set() and rt.stop_mode is StopMode.REEXEC:
+                        # A stop asked for while the re-exec begins: the next interpreter
+                        # does it (signals.block_for_exec carries it over).
+                        signals.pending.append(signum)
                     rt.request_stop(modes[signum])
 
             async def on_fuse_end() -> None:

@@ -100,10 +100,14 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     global _writer, _stderr
     tty = sys.stderr is not None and sys.stderr.isatty()
     if _writer is None:
-        try:
-            _stderr = os.dup(2)
-        except OSError:  # started with stderr closed
-            _stderr = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        # Started with stdin, stdout or stderr closed: /dev/null in their place first. Else the
+        # next descriptors opened take those numbers: the copy of stderr would be fd 2 itself,
+        # which becomes the pump's pipe below, and every line would come back through the pump
+        # for ever (a busy loop).
+        while (null := os.open(os.devnull, os.O_RDWR)) <= 2:
+            pass
+        os.close(null)
+        _stderr = os.dup(2)
         os.set_inheritable(_stderr, False)
         _writer = _Writer(_stderr)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -125,7 +129,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=_writer),  # type: ignore[arg-type]
+        # One write per line (PrintLogger's print() makes two: the text, then the newline), so
+        # that a line is queued or dropped whole.
+        logger_factory=structlog.WriteLoggerFactory(file=_writer),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # pyfuse3 logs through the standard library: the same queue.

@@ -11,6 +11,7 @@ their default dispositions back (children.spawn).
 from __future__ import annotations
 
 import signal
+import threading
 
 IGNORED = (signal.SIGUSR1, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO,
            signal.SIGPWR)
@@ -33,8 +34,14 @@ def install_early() -> None:
 
 
 def block_for_exec() -> None:
-    """Keep HANDLED pending across an exec (the mask survives it) until install_early()."""
+    """Keep HANDLED pending across an exec (the mask survives it) until install_early(). What
+    was recorded since the daemon stopped listening (a SIGTERM right after the SIGUSR2 that
+    started the re-exec) is made pending again, on this thread, the one that execs: the next
+    interpreter acts on it instead of it being lost with this one."""
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    for signum in dict.fromkeys(pending):
+        signal.pthread_kill(threading.get_ident(), signum)
+    pending.clear()
 
 
 __all__ = ["HANDLED", "IGNORED", "block_for_exec", "install_early", "pending"]

@@ -8,8 +8,11 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from bench.systems.autofs import Autofs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("cold", "metadata", "reads", "storm", "footprint", "csi")
+SCENARIOS = ("cold", "metadata", "reads", "storm", "footprint", "csi", "attack")
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -35,14 +38,23 @@ def _mounts_under(path: Path) -> list[str]:
     return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
-def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """The harness's --workdir, reachable by other users (pytest's tmp_path is not): cvmfs2
+    drops to the cvmfs user, and the attack scenario's requesters are other uids."""
+    path = Path(tempfile.mkdtemp(prefix="cvmfsd-bench-smoke-"))
+    path.chmod(0o755)
+    yield path
+    if not _mounts_under(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_quick_run_of_every_scenario(tmp_path: Path, work: Path) -> None:
     out = tmp_path / "results"
-    work = tmp_path / "work"
-    work.mkdir()
     shim_before = Path("/sbin/mount.cvmfs").exists()
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), "--workdir", str(work)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=170)
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-6000:]
     assert "== cold" in done.stderr  # the progress display
 
@@ -82,7 +94,18 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
         assert all(p["rss_kib"] > 0 for p in fp["points"])
     for kind in ("generic", "repository_mounted", "repository_cold"):
         assert _number(sc["csi"]["kinds"][kind]["publish_ms"]["median"])
-    assert {t["id"] for t in results["targets"]} >= {"cold_1ms", "storm_boots", "rss_idle"}
+    attacks = sc["attack"]["attacks"]
+    assert set(attacks) == {"lookup-loop", "hoard-mounts", "slow-threads", "failing-churn",
+                            "hung-backend"}
+    for attack in attacks.values():
+        for cond in ("base", "attacked"):
+            first = attack["conditions"][cond]["first_access_ms"]
+            assert first["n"] == results["sizes"]["attack_reps"]
+            assert _number(first["median"]), attack
+        assert _number(attack["rss"]["attacked"]["peak_mib"])
+    assert {t["id"] for t in results["targets"]} >= {"cold_1ms", "storm_boots", "rss_idle",
+                                                      "attack_lookup-loop",
+                                                      "attack_slow-threads_rss"}
     against_autofs = {"cold_vs_autofs", "meta_stat", "meta_find"}
     for t in results["targets"]:
         if t["id"] in against_autofs and autofs_missing:
@@ -103,7 +126,7 @@ def test_quick_run_of_every_scenario(tmp_path: Path) -> None:
         assert f"autofs skipped: {autofs_missing}" in report
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("JSON and Markdown checked; PNGs need the bench extra (pip install '.[bench]')")
-    for png in ("cold.png", "warm.png", "storm.png", "footprint.png", "csi.png"):
+    for png in ("cold.png", "warm.png", "storm.png", "footprint.png", "csi.png", "attack.png"):
         data = (out / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, png
         assert f"]({png})" in report

@@ -12,7 +12,7 @@ from ..common import Progress
 from ..systems import CONTROL, System, make
 from ..workspace import Workspace
 
-ORDER = ("cold", "metadata", "reads", "storm", "footprint", "csi")
+ORDER = ("cold", "metadata", "reads", "storm", "footprint", "csi", "attack")
 
 
 @dataclass
@@ -38,6 +38,12 @@ class Sizes:
     footprint_window_s: float = 20.0   # CPU is sampled over this long at each count
     csi_cycles: int = 200
     csi_cold: int = 10
+    attack_reps: int = 10          # legitimate first accesses per instance and attack
+    attack_seconds: float = 60.0   # each attack runs this long at full pressure (600: a soak)
+    attack_threads: int = 600      # slow-threads: the 600
+    attack_churn_threads: int = 64
+    attack_hoard: int = 20         # hoard-mounts: the attacker's share of mounts
+    attack_only: str = ""          # a comma list of attacks; empty: every one
 
     def counts(self) -> list[int]:
         return [int(c) for c in self.footprint_counts.split(",") if c.strip()]
@@ -55,7 +61,8 @@ QUICK = dict(cold_reps=3, meta_dirs=10, meta_files=30, meta_reps=2, warm_rounds=
              read_large_mib=4,
              read_small_count=50, read_rand_count=500, read_reps=2, storm_procs=8,
              storm_repos=4, storm_reps=1, footprint_counts="0,1,3", footprint_window_s=1.0,
-             csi_cycles=10, csi_cold=2)
+             csi_cycles=10, csi_cold=2, attack_reps=2, attack_seconds=4.0, attack_threads=100,
+             attack_churn_threads=16, attack_hoard=3)
 
 
 @dataclass
