@@ -80,7 +80,8 @@ class Config:
                                 "wins over allow", metavar="GLOB")
     mount_timeout: float = key(60.0, "seconds a cvmfs2 boot may take before it is killed and "
                                "reported", section="Boots and failures")
-    max_concurrent_boots: int = key(8, "cvmfs2 boots running at once", restart=True)
+    max_concurrent_boots: int = key(8, "cvmfs2 boots running at once, plus a quarter (at least "
+                                    "1) kept for requesters with no boot running", restart=True)
     max_mounted: int = key(1000, "mounted (or booting) repositories at most, beyond that a "
                            "lookup fails with ENOSPC; 0 = no limit")
     backoff_initial: float = key(60.0, "after a failed boot, lookups fail at once for "
@@ -95,9 +96,9 @@ class Config:
     # One requester: a uid, and the pod for a process in a Kubernetes pod. Boot shares are
     # made once per requester, so only a restart changes them.
     requester_boots: int = key(0, "boot slots one requester's boots use at once (more wait "
-                               "their turn); 0 = half of max_concurrent_boots", restart=True)
+                               "their turn); 0 = a quarter of max_concurrent_boots", restart=True)
     requester_mounts: int = key(0, "mounts one requester started that may be held (more: its "
-                                "lookups of new names fail with ENOSPC); 0 = half of "
+                                "lookups of new names fail with ENOSPC); 0 = a quarter of "
                                 "max_mounted")
     requester_waits: int = key(0, "requests of one requester waiting in the root (more: "
                                "EAGAIN); 0 = an eighth of fuse_max_tasks")
@@ -179,8 +180,8 @@ class Config:
     @property
     def requester_limits(self) -> tuple[int, int, int]:
         """(boots, mounts, waits) one requester may hold."""
-        return (self.requester_boots or max(1, self.max_concurrent_boots // 2),
-                self.requester_mounts or max(1, (self.max_mounted or 2000) // 2),
+        return (self.requester_boots or max(1, self.max_concurrent_boots // 4),
+                self.requester_mounts or max(1, (self.max_mounted or 4000) // 4),
                 self.requester_waits or max(1, self.fuse_max_tasks // 8))
 
     @property

@@ -61,7 +61,8 @@ class Mounter:
         self.cfg = cfg
         self.registry = registry
         self.children = children
-        self._limiter = trio.CapacityLimiter(cfg.max_concurrent_boots)
+        self._invalidations = trio.CapacityLimiter(1)
+        self._slots = BootSlots(cfg.max_concurrent_boots, max(1, cfg.max_concurrent_boots // 4))
         self._shares: dict[Requester, trio.CapacityLimiter] = {}  # per requester, while in use
         self._nursery: trio.Nursery | None = None
         self._boots: set[trio.CancelScope] = set()
@@ -150,7 +151,10 @@ class Mounter:
             if repo.anchor is not None:  # nothing will be mounted there for its copies now
                 anchor_, repo.anchor = repo.anchor, None
                 await trio.to_thread.run_sync(anchors.drop, anchor_)
-            await trio.to_thread.run_sync(_invalidate, repo.parent_inode, repo.name)
+            # One thread: invalidations queue up behind each other, never behind nor in front
+            # of the premounts and calls other requesters' accesses need.
+            await trio.to_thread.run_sync(_invalidate, repo.parent_inode, repo.name,
+                                          limiter=self._invalidations)
         except Exception as exc:  # no FUSE session (unit tests), or the name is gone already
             log.debug("evict_failed", repo=repo.name, error=repr(exc))
         finally:
@@ -184,25 +188,32 @@ class Mounter:
     async def _limit(self, repo: Repo) -> AsyncIterator[None]:
         """A boot slot: at most max_concurrent_boots cvmfs2 start at once, and the boots one
         requester started take at most its share of them (the rest wait for its earlier ones,
-        in the daemon, while their processes wait in the kernel), so others always find some."""
+        in the daemon, while their processes wait in the kernel). A requester with no boot
+        running may also take a slot of a reserve (a quarter more), so a few requesters that
+        fill every slot with slow boots do not make everyone else wait."""
         # cvmfs2 may read the config repository under the root while it boots another one: that
         # boot must not queue behind the one that needs it.
         if repo.name == self.cfg.config_repository:
             yield
             return
         requester = repo.requester
-        if requester is None:
-            async with self._limiter:
-                yield
-            return
-        share = self._shares.get(requester)
-        if share is None:
-            share = self._shares[requester] = trio.CapacityLimiter(self.cfg.requester_limits[0])
+        share: trio.CapacityLimiter | None = None
+        if requester is not None:
+            share = self._shares.get(requester)
+            if share is None:
+                share = self._shares[requester] = trio.CapacityLimiter(
+                    self.cfg.requester_limits[0])
         try:
-            async with share, self._limiter:
+            async with contextlib.AsyncExitStack() as stack:
+                first = share is None or share.borrowed_tokens == 0
+                if share is not None:
+                    await stack.enter_async_context(share)
+                pool = await self._slots.acquire(may_use_reserve=first)
+                stack.callback(self._slots.release, pool)
                 yield
         finally:
-            if not share.borrowed_tokens and not share.statistics().tasks_waiting:
+            if share is not None and not share.borrowed_tokens and \
+                    not share.statistics().tasks_waiting:
                 self._shares.pop(requester, None)
 
     async def _mount(self, repo: Repo) -> None:
@@ -255,6 +266,10 @@ class Mounter:
             # Processes waiting in the connection may have spent their one ESTALE retry on the
             # way in: they get the name's own error.
             self._release(repo, self.registry.take_fuse_fd(repo), held, error.errno)
+            if repo.pin is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(backend.remove_pin_workspace, self.cfg,
+                                                  repo.name)
             self._retry_for_copies(repo)
             return
         assert process is not None
@@ -541,3 +556,27 @@ def _invalidate(parent_inode: int, name: str) -> None:
     import pyfuse3
 
     pyfuse3.invalidate_entry(parent_inode, name.encode())
+
+
+class BootSlots:
+    """Two pools of boot slots: the shared one, and a reserve only for requesters that have no
+    boot running. Whoever comes first when a slot frees up takes it."""
+
+    def __init__(self, shared: int, reserve: int) -> None:
+        self.free = {"shared": shared, "reserve": reserve}
+        self._freed = trio.Event()
+
+    async def acquire(self, *, may_use_reserve: bool) -> str:
+        while True:
+            for pool in ("shared", "reserve") if may_use_reserve else ("shared",):
+                if self.free[pool]:
+                    self.free[pool] -= 1
+                    return pool
+            freed = self._freed
+            await freed.wait()
+
+    def release(self, pool: str) -> None:
+        self.free[pool] += 1
+        self._freed.set()
+        self._freed = trio.Event()
+

@@ -6,8 +6,9 @@ Plain data, no I/O. A name keeps one nodeid and generation as long as the kernel
 Bounded by configuration, whatever users look up: every step is O(1) in the number of names
 (counters and indexes kept at each state change), names that are refused never become entries,
 and names that are not mounted (idle, failed) are kept only up to `max_names`, least recently
-used first out. A failed name outlives its entry as long as it is among those: its backoff keeps
-applying when it is looked up again (a negative cache, like autofs's).
+used first out. A failed name outlives its entry as long as it is among those, and past them in
+a compact store four times as large: its backoff keeps applying when it is looked up again (a
+negative cache, like autofs's).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class Registry:
         # _by_name) and failed ones it forgot (only here, keeping their backoff).
         self._inactive: OrderedDict[str, Repo] = OrderedDict()
         self._mounted: dict[int, Repo] = {}
+        # Failed names out of the table: name -> (failures, retry at, errno, exit code,
+        # message), least recently used first out.
+        self._backoffs: OrderedDict[str, tuple[int, float, int, int | None, str]] = OrderedDict()
         self._counts: dict[State, int] = dict.fromkeys(State, 0)
         self._pins: dict[str, int] = {}  # fqrn -> pinned instances holding a mount
         # requester -> mounts (booting or mounted) it started that are held
@@ -173,7 +177,15 @@ class Registry:
         remembered = self._inactive.get(name)
         if remembered is not None:
             return remembered
-        return Repo(name=name, inode=0, fqrn=fqrn, pin=pin)
+        repo = Repo(name=name, inode=0, fqrn=fqrn, pin=pin)
+        backoff_ = self._backoffs.get(name)
+        if backoff_ is not None:
+            self._backoffs.move_to_end(name)
+            repo.failures, repo.retry_at, code, exit_code, message = backoff_
+            repo.state = State.FAILED
+            repo.last_error = MountError(message, exit_code=exit_code)
+            repo.last_error.errno = code
+        return repo
 
     def _register(self, repo: Repo) -> None:
         if repo.inode == 0:
@@ -182,6 +194,7 @@ class Registry:
             self._counts[repo.state] += 1
         self._by_name[repo.name] = repo
         self._by_inode[repo.inode] = repo
+        self._backoffs.pop(repo.name, None)  # its entry carries what it has
         if repo.state not in ACTIVE:
             self._inactive[repo.name] = repo
 
@@ -197,12 +210,20 @@ class Registry:
             return
         del self._by_name[repo.name]
         del self._by_inode[repo.inode]
-        if repo.state is State.IDLE:
+        if repo.state is State.IDLE or len(self._inactive) > self.max_names:
             self._drop(repo)
 
     def _drop(self, repo: Repo) -> None:
         self._inactive.pop(repo.name, None)
         self._counts[repo.state] -= 1
+        if repo.state is State.FAILED and repo.last_error is not None:
+            # Out of the table, its backoff stays: a few hundred bytes, within 4 x max_names.
+            error = repo.last_error
+            self._backoffs[repo.name] = (repo.failures, repo.retry_at, error.errno,
+                                         error.exit_code, error.message[:160])
+            self._backoffs.move_to_end(repo.name)
+            while len(self._backoffs) > 4 * self.max_names:
+                self._backoffs.popitem(last=False)
 
     def excess(self) -> list[Repo]:
         """Names past max_names, oldest first. Those the kernel does not know are dropped here;
