@@ -164,6 +164,7 @@ def test_sigterm_leaves_no_mount_and_no_cvmfs2(daemon: Daemon) -> None:
     repos = ["epsilon.real.test", "zeta.real.test", "eta.real.test"]
     for repo in repos:
         assert (daemon.path(repo) / "README").exists()
+    daemon.wait_mounted(*repos)  # cvmfs2 answers a moment before the mount line is logged
     serving = {serving_pid(daemon.path(r)) for r in repos}
     assert serving == {a["serving_pid"] for a in daemon.mount_attempts()}
     # Every cvmfs2 of this daemon: serving processes, watchdogs, cache managers.
