@@ -120,6 +120,8 @@ class Node:
             f"ln -s {bindir}/cvmfsd /usr/local/bin/cvmfsd\n"
             f"ln -s {bindir}/cvmfsctl /usr/local/bin/cvmfsctl\n"
             "useradd --system --no-create-home --shell /usr/sbin/nologin cvmfs\n"
+            # The cvmfs package's workspace, which cvmfs2 writes after dropping to the user.
+            "install -d -o cvmfs -g cvmfs -m 0755 /var/lib/cvmfs /run/cvmfs\n"
             f"mknod {DENIED_DEVICE} c {DENIED_DEVICE_NUMBERS[0]} {DENIED_DEVICE_NUMBERS[1]}\n")
 
     def install_as_readme_says(self) -> subprocess.CompletedProcess[str]:
@@ -358,12 +360,13 @@ class Node:
 
 @contextlib.contextmanager
 def journal_on_failure(node: Node) -> Iterator[str]:
-    """Yields a journal cursor; a failing test shows the unit's journal since then."""
+    """Yields a journal cursor; the unit's journal since then is printed at the end. Pytest shows
+    a fixture's captured output only for a test that failed (an exception raised in a test never
+    reaches its fixture's generator, so the journal cannot wait for one)."""
     cursor = node.cursor()
     try:
         yield cursor
-    except BaseException:
+    finally:
         with contextlib.suppress(Exception):
             print("--- journalctl -u cvmfsd since the test began ---")
             print("\n".join(node.messages(cursor)[-80:]))
-        raise
