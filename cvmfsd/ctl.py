@@ -66,7 +66,10 @@ def socket_path(explicit: str | None, config: Path | None) -> Path:
     try:
         values = config_mod.coerce(config_mod.read_file(path)[0])
     except config_mod.ConfigError as exc:
-        raise CtlError(f"{path}: {exc}", {"code": "bad_config", "message": str(exc)}) from None
+        # Said in full because ExecReload runs this: the admin reads it in `systemctl reload`.
+        raise CtlError(f"{path}: {exc} (the control socket's path is read from this file: "
+                       "nothing was sent to cvmfsd, nothing was changed)",
+                       {"code": "bad_config", "message": str(exc)}) from None
     if values.get("control_socket"):
         return Path(values["control_socket"])
     if values.get("run_dir"):

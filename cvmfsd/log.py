@@ -10,6 +10,7 @@ What users can make the daemon say over and over (refused names) goes through a 
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import os
 import queue
@@ -115,6 +116,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         os.close(write_fd)
         threading.Thread(target=_pump, args=(read_fd, _writer), name="cvmfsd-stderr",
                          daemon=True).start()
+        if faulthandler.is_enabled():
+            # A fatal signal (the watchdog's SIGABRT) also stops the pump: the tracebacks must go
+            # to the real stderr, or they die in the pipe with the process.
+            faulthandler.enable(file=_stderr, all_threads=True)
     json_output = fmt == "json" or (fmt == "auto" and not tty)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_output

@@ -43,7 +43,14 @@ print(ok, bad, errors)
 
 
 def serving_pid(d: Daemon, repo: str) -> int:
-    return int(os.getxattr(d.path(repo), "user.pid"))
+    """The process serving repo now, once the daemon has finished that boot: files answer as soon
+    as cvmfs2 serves, a moment before the daemon logged the mount (a fault injected in that
+    moment would hit the boot, not the mounted repository the test means)."""
+    pid = int(os.getxattr(d.path(repo), "user.pid"))
+    d.wait_for(f"{repo}'s mount line", lambda: [
+        r for r in d.mount_attempts(repo) + d.events("adopted")
+        if r["repo"] == repo and r.get("serving_pid") == pid])
+    return pid
 
 
 def wait_open_ok(path: Path, timeout: float) -> float:
