@@ -769,7 +769,9 @@ def serving_pid(d: Daemon, repo: str) -> int:
 def test_a_hung_backend_is_reported_killed_and_healed(attack_daemon: Callable[..., Daemon],
                                                       env: Env) -> None:
     hung, idle, busy = "atlas.cern.ch", "cms.cern.ch", "alice.cern.ch"
-    d = attack_daemon(backend_hung_timeout=6.0, reconcile_interval=0.5, expire_timeout=2.0,
+    # The kill must come after the probes below, with the reader: 20 s is far more than they
+    # take even on a loaded machine (6 s was not: the backend was killed and healed mid-loop).
+    d = attack_daemon(backend_hung_timeout=20.0, reconcile_interval=0.5, expire_timeout=2.0,
                       expire_min_age=0.5)
     holder = kit.Holder([d.path(hung) / "README", d.path(busy) / "README"])
     assert list(holder.result.values()) == [0, 0]
