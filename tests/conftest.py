@@ -9,7 +9,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
+from attack_kit import control
 from standin.kit import make_repo, write_config, write_wrapper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,18 +171,7 @@ class Daemon:
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:
         """One request on the daemon's status socket; the whole reply (check reply["ok"])."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(120)
-            s.connect(str(self.run_dir / "cvmfsd.sock"))
-            s.sendall(json.dumps({"v": 1, "cmd": cmd, **args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    break
-                data += chunk
-        reply: dict[str, Any] = json.loads(data)
-        return reply
+        return control(self.run_dir / "cvmfsd.sock", cmd, timeout=120, **args)
 
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
         """Poll check() until it returns something true; fail naming what was awaited. The

@@ -306,28 +306,27 @@ class Plugin:
         return out
 
 
-class Pod:
-    """A process in its own mount namespace holding a slave copy of a published target at `view`."""
+class LineChild:
+    """A helper process driven by JSON lines on its stdin and stdout: it says {"ready": ...}
+    first, answers one line per request and leaves on {"op": "exit"}."""
 
-    def __init__(self, target: Path, view: Path) -> None:
-        view.mkdir(parents=True, exist_ok=True)
-        self.view = view
-        self.proc = subprocess.Popen(
-            [PY, str(HERE / "csi_pod.py"), str(target), str(view)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env_with_repo(),
-        )
+    call_timeout = 15.0
+    exit_timeout = 5.0
+
+    def __init__(self, argv: list[str], ready_timeout: float) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env_with_repo())
         assert self.proc.stdout is not None
         self.reader = LineReader(self.proc.stdout)
-        hello = json.loads(self.reader.readline(20))
-        assert hello.get("ready"), hello
+        self.hello: dict[str, Any] = json.loads(self.reader.readline(ready_timeout))
+        assert self.hello.get("ready"), self.hello
 
-    def call(self, op: str, timeout: float = 15, **kw: Any) -> dict[str, Any]:
+    def call(self, op: str, timeout: float | None = None, **kw: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
         self.proc.stdin.flush()
-        result: dict[str, Any] = json.loads(self.reader.readline(timeout))
+        result: dict[str, Any] = json.loads(
+            self.reader.readline(self.call_timeout if timeout is None else timeout))
         return result
 
     def close(self) -> None:
@@ -337,9 +336,18 @@ class Pod:
                 self.proc.stdin.write(b'{"op": "exit"}\n')
                 self.proc.stdin.close()
             try:
-                self.proc.wait(5)
+                self.proc.wait(self.exit_timeout)
             except subprocess.TimeoutExpired:
                 stop_pid(self.proc, signal.SIGKILL)
+
+
+class Pod(LineChild):
+    """A process in its own mount namespace holding a slave copy of a published target at `view`."""
+
+    def __init__(self, target: Path, view: Path) -> None:
+        view.mkdir(parents=True, exist_ok=True)
+        self.view = view
+        super().__init__([PY, str(HERE / "csi_pod.py"), str(target), str(view)], 20)
 
 
 def make_target(kubelet_dir: Path, pv: str = "pv-1", pod_uid: str | None = None) -> Path:

@@ -15,34 +15,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from csi_harness import HERE, PY, REPO_ROOT, LineReader, env_with_repo, stop_pid
+from csi_harness import HERE, PY, REPO_ROOT, LineChild
 
 from csi import mounts
 
 
-class RuntimePod:
+class RuntimePod(LineChild):
     """A process in its own mount namespace holding `mount --rbind target view && mount
     --make-rslave view`, with the host's other mounts at `hide` detached from its namespace."""
+
+    call_timeout = 60.0
+    exit_timeout = 10.0
 
     def __init__(self, target: Path, view: Path, hide: list[Path]) -> None:
         view.mkdir(parents=True, exist_ok=True)
         self.view = view
-        self.proc = subprocess.Popen(
-            [PY, str(HERE / "runtime_pod.py"), str(target), str(view), *map(str, hide)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env_with_repo())
-        assert self.proc.stdout is not None
-        self.reader = LineReader(self.proc.stdout)
-        hello = json.loads(self.reader.readline(30))
-        assert hello.get("ready"), hello
-        self.pid: int = hello["pid"]
-        self.ns: int = hello["ns"]
-
-    def call(self, op: str, timeout: float = 60, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
-        self.proc.stdin.flush()
-        result: dict[str, Any] = json.loads(self.reader.readline(timeout))
-        return result
+        super().__init__([PY, str(HERE / "runtime_pod.py"), str(target), str(view),
+                          *map(str, hide)], 30)
+        self.pid: int = self.hello["pid"]
+        self.ns: int = self.hello["ns"]
 
     def read(self, path: str) -> str:
         result = self.call("read", path=path)
@@ -53,17 +44,6 @@ class RuntimePod:
         """Read by a fresh path walk until it works (bounded: a failing test, not a timing);
         the reply says how long that took and which errors came first."""
         return self.call("wait_read", timeout=within + 30, path=path, within=within)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(b'{"op": "exit"}\n')
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                stop_pid(self.proc, signal.SIGKILL)
 
 
 def subpath_bind(kubelet_dir: Path, target: Path, sub: str, index: int = 0) -> Path:
