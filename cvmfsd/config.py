@@ -289,37 +289,24 @@ def _path(name: str, value: Any) -> Path:
     return Path(os.path.normpath(path))
 
 
+# Lower bounds of numeric keys: (key, strictly greater, bound).
+_BOUNDS: tuple[tuple[str, bool, float], ...] = (
+    ("mount_timeout", True, 0), ("attach_wait", False, 0), ("max_concurrent_boots", False, 1),
+    ("expire_timeout", False, 0), ("expire_min_age", False, 0.2),
+    ("reconcile_interval", True, 0), ("backend_hung_timeout", True, 0),
+    ("restart_window", True, 0), ("max_mounted", False, 0), ("restart_burst", False, 1),
+    ("fuse_max_tasks", False, 8), ("max_names", False, 16),
+    ("max_pins_per_repository", False, 1), ("requester_boots", False, 0),
+    ("requester_mounts", False, 0), ("requester_waits", False, 0),
+)
+
+
 def _validate(cfg: Config) -> Config:
     problems = []
-    if cfg.mount_timeout <= 0:
-        problems.append("mount_timeout must be > 0")
-    if cfg.attach_wait < 0:
-        problems.append("attach_wait must be >= 0")
-    if cfg.max_concurrent_boots < 1:
-        problems.append("max_concurrent_boots must be >= 1")
-    if cfg.expire_timeout < 0:
-        problems.append("expire_timeout must be >= 0")
-    if cfg.expire_min_age < 0.2:
-        problems.append("expire_min_age must be >= 0.2")
-    if cfg.reconcile_interval <= 0:
-        problems.append("reconcile_interval must be > 0")
-    if cfg.backend_hung_timeout <= 0:
-        problems.append("backend_hung_timeout must be > 0")
-    if cfg.restart_window <= 0:
-        problems.append("restart_window must be > 0")
-    if cfg.max_mounted < 0:
-        problems.append("max_mounted must be >= 0")
-    if cfg.restart_burst < 1:
-        problems.append("restart_burst must be >= 1")
-    if cfg.fuse_max_tasks < 8:
-        problems.append("fuse_max_tasks must be >= 8")
-    if cfg.max_names < 16:
-        problems.append("max_names must be >= 16")
-    if cfg.max_pins_per_repository < 1:
-        problems.append("max_pins_per_repository must be >= 1")
-    for name in ("requester_boots", "requester_mounts", "requester_waits"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"{name} must be >= 0")
+    for name, strict, bound in _BOUNDS:
+        value = getattr(cfg, name)
+        if value <= bound if strict else value < bound:
+            problems.append(f"{name} must be {'>' if strict else '>='} {bound}")
     if not 0 < cfg.backoff_initial <= cfg.backoff_max:
         problems.append("backoff_initial and backoff_max: need 0 < backoff_initial <= "
                         "backoff_max")
