@@ -42,9 +42,11 @@ class Unavailable(RuntimeError):
 
 
 class KernelTrace:
-    def __init__(self, out: Path, events: Iterable[str] = EVENTS) -> None:
+    def __init__(self, out: Path, events: Iterable[str] = EVENTS,
+                 buffer_kb: int = BUFFER_KB) -> None:
         self.out = out
         self.events = tuple(events)
+        self.buffer_kb = buffer_kb
         self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> KernelTrace:
@@ -52,7 +54,7 @@ class KernelTrace:
             raise Unavailable("tracing needs root")
         self._proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-             "bench.ktrace", "serve", str(self.out), *self.events],
+             "bench.ktrace", "serve", str(self.out), str(self.buffer_kb), *self.events],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parent.parent)
         assert self._proc.stdout is not None
@@ -96,7 +98,7 @@ class KernelTrace:
             self._proc.wait()
 
 
-def _serve(out: Path, events: list[str]) -> None:
+def _serve(out: Path, buffer_kb: int, events: list[str]) -> None:
     """The helper, in its own mount namespace: one instance, driven by lines on stdin."""
     mnt = Path(tempfile.mkdtemp(prefix="cvmfsd-tracefs-"))
     try:
@@ -115,7 +117,7 @@ def _serve(out: Path, events: list[str]) -> None:
         try:
             (inst / "tracing_on").write_text("0")
             (inst / "trace_clock").write_text("mono")
-            (inst / "buffer_size_kb").write_text(str(BUFFER_KB))
+            (inst / "buffer_size_kb").write_text(str(buffer_kb))
             (inst / "options" / "event-fork").write_text("1")
             (inst / "options" / "record-tgid").write_text("1")  # threads -> their process
             (inst / "set_event_pid").write_text(str(os.getpid()))  # nothing else yet
@@ -252,6 +254,6 @@ def syscall_names() -> dict[int, str]:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "serve":
-        _serve(Path(sys.argv[2]), sys.argv[3:])
+        _serve(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
     else:
         print(__doc__)

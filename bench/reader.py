@@ -71,8 +71,8 @@ def main() -> None:
         took.append(clock() - t0)
         time.sleep(PAUSE)
     with open(out, "w") as f:
-        json.dump({"mode": mode, "starts": starts.tolist(), "took": took.tolist(),
-                   "errors": errors, "failures": failures}, f)
+        json.dump({"mode": mode, "pid": os.getpid(), "starts": starts.tolist(),
+                   "took": took.tolist(), "errors": errors, "failures": failures}, f)
 
 
 if __name__ == "__main__":
