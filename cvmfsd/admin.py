@@ -382,8 +382,6 @@ class Admin:
                 raise AdminError("reload_failed", f"{exc}; nothing was changed") from None
             finally:
                 self.notifier.ready(self.summary())
-                # Started: what start-up allocated and freed goes back to the system.
-                kernel.malloc_trim()
             changed = [f.name for f in fields(Config) if getattr(old, f.name) !=
                        getattr(new, f.name)]
             fixed = [key for key in changed if key in RESTART_ONLY]

@@ -71,8 +71,7 @@ def set_propagation(target: str | os.PathLike[str], flag: int, recursive: bool =
 
 def malloc_trim() -> None:
     """Give the C heap's free pages back to the system (glibc; elsewhere nothing happens).
-    Start-up leaves about 1 MiB of them (bench/README.md, "Daemon memory"). Does not block on
-    any filesystem."""
+    Start-up leaves about 1 MiB of them (docs/perf.md). Does not block on any filesystem."""
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -2,7 +2,7 @@
 
 structlog imports asyncio at start (structlog.stdlib), for async logging methods the daemon
 never calls (it runs on trio): about 1.5 MiB of RSS, a twentieth of the daemon's (measured:
-bench/README.md, "Daemon memory"). Until a first attribute is used, asyncio is a stand-in
+docs/perf.md, "Daemon memory"). Until a first attribute is used, asyncio is a stand-in
 module: `import asyncio` anywhere gets it at no cost, and the first use of any attribute
 imports the real module, which takes its place in sys.modules. (importlib.util.LazyLoader
 does not do this on Python 3.11: the import system's own look at `__spec__` loads it.)

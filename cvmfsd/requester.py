@@ -36,8 +36,7 @@ def identify(uid: int, pid: int) -> Requester:
     """Requester of a FUSE request (its context's uid and pid). A process that is gone by now
     counts as its uid alone."""
     # os.open/os.read, not open(): no buffered text file object to build (fstat, ioctl,
-    # lseek and a decoder) on the way of every first lookup (bench/README.md, "one cold
-    # access").
+    # lseek and a decoder) on the way of every first lookup (docs/perf.md).
     try:
         fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
