@@ -328,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--against", metavar="REV",
                    help="also cvmfsd as committed in REV, interleaved (before/after)")
     p.add_argument("--aa", action="store_true", help="also a second working-tree cvmfsd (A/A)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                   help="also cvmfsd from the source tree DIR (a package cvmfsd/ in it)")
     p.add_argument("--cvmfs2-user", default=None,
                    help="cvmfsd's cvmfs2_user (default: cvmfsd's own default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -375,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             systems[f"cvmfsd@{commit[:7]}"] = Cvmfsd(ws, "base", src=src, cvmfs2=inner, **extra)
         if args.aa:
             systems["cvmfsd (A/A)"] = Cvmfsd(ws, "pro2", cvmfs2=inner, **extra)
+        for i, variant in enumerate(args.variant):
+            label, _, src_dir = variant.partition("=")
+            systems[f"cvmfsd {label}"] = Cvmfsd(ws, f"va{i:02d}"[:4], src=Path(src_dir),
+                                                cvmfs2=inner, **extra)
         names = list(systems)
         repos = {(i, n): ws.tiny(f"pf{i:03d}-{k}.{DOMAIN}")
                  for i in range(args.reps) for k, n in enumerate(names)}
