@@ -72,6 +72,8 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     for t in r.get("targets", []):
         met = {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]]
+        if t["met"] is None and t["figure"].startswith("dropped"):
+            met = "dropped"
         lines.append(f"| {t['target']} | {met} | {t['figure']} |")
     ref = r.get("reference", {})
     measured_on = ("measured on another machine, for comparison"
@@ -80,7 +82,7 @@ def markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
               + ", ".join(f"{k.replace('_', ' ')} {val}" for k, val in ref.items()) + ".", ""]
     for name, fn in (("cold", _md_cold), ("metadata", _md_meta), ("reads", _md_reads),
                      ("storm", _md_storm), ("footprint", _md_footprint), ("csi", _md_csi),
-                     ("attack", _md_attack)):
+                     ("attack", _md_attack), ("restart", _md_restart)):
         if name not in sc:
             continue
         res = sc[name]
@@ -247,6 +249,26 @@ def _md_attack(res: dict[str, Any]) -> list[str]:
     if problems:
         rows += ["", "Attacked daemon's problems at the end: " + "; ".join(
             f"{n}: {', '.join(p)}" for n, p in problems.items())]
+    return rows
+
+
+def _md_restart(res: dict[str, Any]) -> list[str]:
+    p = res["params"]
+    rows = [f"{p['readers']} readers (host, pod-like views, one with its cwd inside) over "
+            f"{p['repos']} repositories, each operation an open+read+close and a stat with a "
+            f"{p['pause_ms']} ms pause; {p['rounds']} restarts per path, each restart window "
+            f"(trigger to ready + {p['settle_s']} s) paired with a baseline window just before "
+            f"it; {res['ops']} operations, {res['failures']} failed.", "",
+            "| path | restart p50 / p99 / max ms | baseline p50 / p99 / max ms | added at p99 ms "
+            "| worst per restart, added ms (median, max) | ready after ms (median) |",
+            "|---|---|---|---|---|---|"]
+    for path, v in res["paths"].items():
+        r, b = v["restart"], v["baseline"]
+        ready = sorted(v["ready_ms"])[len(v["ready_ms"]) // 2] if v["ready_ms"] else None
+        rows.append(f"| {path} | {r['p50']:.2f} / {r['p99']:.2f} / {r['max']:.1f} | "
+                    f"{b['p50']:.2f} / {b['p99']:.2f} / {b['max']:.1f} | "
+                    f"{v['added_p99_ms']:+.2f} | {v['added_worst_ms']['median']:+.1f}, "
+                    f"{v['added_worst_ms']['max']:+.1f} | {_f(ready, '.0f')} |")
     return rows
 
 

@@ -7,6 +7,9 @@ line. It imports nothing from the project, so it starts fast and costs the same 
 
 One-shot modes:
   cold PATH                       one stat of PATH (a first access: this process never saw it)
+  boot-stat PATH ARGV...          run the launcher ARGV (posix_spawn, own session), and the
+                                  moment it exits, one stat of PATH: a boot and its first
+                                  access with no gap between them (the direct baseline)
   storm SEED PATH...              stat each PATH in a shuffled order, one timing per access
 
 Warm work, one pass of:
@@ -72,6 +75,31 @@ def one_shot(mode: str, args: list[str]) -> Work | None:
             return {"ns": ns() - t0, "start_ns": t0, "errno": err}
 
         return cold
+    if mode == "boot-stat":
+        path, argv = args[0], args[1:]
+        # What cvmfsd's children.spawn gives cvmfs2: the same environment, a session of its
+        # own, stdin from /dev/null; output to a memory file (for the error, if any).
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "LC_ALL": "C"}
+        out = os.memfd_create("launcher-output", os.MFD_CLOEXEC)
+        actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)]
+
+        def boot_stat() -> dict[str, Any]:
+            t0 = ns()
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+            status = os.waitpid(pid, 0)[1]
+            t1 = ns()
+            rc = os.waitstatus_to_exitcode(status)
+            err = _stat(path) if rc == 0 else -1
+            t2 = ns()
+            result = {"ns": t2 - t0, "boot_ns": t1 - t0, "start_ns": t0, "errno": err,
+                      "rc": rc}
+            if rc != 0:
+                result["output"] = os.pread(out, 4096, 0).decode(errors="replace")
+            return result
+
+        return boot_stat
     if mode == "storm":
         seed, paths = int(args[0]), list(args[1:])
         random.Random(seed).shuffle(paths)

@@ -79,6 +79,8 @@ class Backend:
     boots_log: Path
     # Read before client_config (the admin's files, for given repositories).
     extra_configs: tuple[Path, ...] = ()
+    # What the counting wrapper runs: the client itself (bench.profile runs it unwrapped).
+    inner: Path | None = None
 
     @property
     def configs(self) -> list[Path]:
@@ -145,10 +147,10 @@ class Workspace:
             return f"cvmfs2 stand-in (tests/standin), reports: {text}"
         return self.real.describe()
 
-    def src_env(self) -> dict[str, str]:
-        """Environment for `python -m cvmfsd` / `python -m csi.main` from self.src."""
+    def src_env(self, src: Path | None = None) -> dict[str, str]:
+        """Environment for `python -m cvmfsd` / `python -m csi.main` from src (self.src)."""
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(self.src) + (os.pathsep + env["PYTHONPATH"]
+        env["PYTHONPATH"] = str(src or self.src) + (os.pathsep + env["PYTHONPATH"]
                                              if env.get("PYTHONPATH") else "")
         return env
 
@@ -203,7 +205,7 @@ class Workspace:
             f'echo "E $$ $EPOCHREALTIME $rc" >> {log}\n'
             "exit $rc\n")
         counting.chmod(0o755)
-        return Backend(system, d, client_config, counting, boots_log, extra)
+        return Backend(system, d, client_config, counting, boots_log, extra, inner)
 
     # --- repositories ---------------------------------------------------------------------------
     def tiny(self, fqrn: str) -> str:

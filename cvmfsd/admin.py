@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from . import __version__, config
+from . import __version__, config, kernel
 from .calls import BackendHung
 from .config import Config, ConfigError
 from .errors import MountError
@@ -113,6 +113,8 @@ class Admin:
                 nursery.start_soon(self._status_loop)
                 nursery.start_soon(self._sighup)
                 self.notifier.ready(self.summary())
+                # Started: what start-up allocated and freed goes back to the system.
+                kernel.malloc_trim()
                 log.info("admin_ready", socket=str(self.cfg.control_socket_path),
                          notify=self.notifier.enabled,
                          watchdog_s=self.notifier.watchdog_period and

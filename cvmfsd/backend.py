@@ -141,24 +141,49 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-async def boot(cfg: Config, children: Children, fqrn: str, fuse_fd: int,
-               pin_config: Path | None = None,
-               credentials: Credentials | None = None) -> Booted:
-    """Run the cvmfs2 launcher on a pre-mounted descriptor; return once it exited 0, i.e. the
-    root catalog was verified and the serving process reads the connection.
+@dataclass(frozen=True)
+class Launch:
+    """A cvmfs2 launcher that start() began: finish() collects it (always, exactly once)."""
+
+    pid: int
+    started: float
+    out: int  # the launcher's stdout and stderr: anonymous memory files, closed by finish()
+    err: int
+
+
+def start(cfg: Config, children: Children, fqrn: str, fuse_fd: int,
+          pin_config: Path | None = None, credentials: Credentials | None = None,
+          record: bool = True) -> Launch:
+    """Start the cvmfs2 launcher on a pre-mounted descriptor. Synchronous, callable from any
+    thread (the mounter starts cvmfs2 from the LOOKUP's handler when it can: the boot is what
+    the caller waits for, so it goes first). record=False: the caller records the launch for a
+    successor (children.record) itself, from a worker thread.
 
     Output goes to anonymous memory files, not pipes: the daemonized grandchild must not be able
-    to keep a pipe open and stall us. A boot past mount_timeout is killed with its session.
-    """
+    to keep a pipe open and stall us."""
     out = os.memfd_create("cvmfs2-stdout", os.MFD_CLOEXEC)
     err = os.memfd_create("cvmfs2-stderr", os.MFD_CLOEXEC)
     try:
         started = time.monotonic()
-        try:
-            pid = children.spawn(argv(cfg, fqrn, fuse_fd, pin_config, credentials=credentials),
-                                 stdout=out, stderr=err, pass_fds=(fuse_fd,))
-        except OSError as exc:  # e.g. the client was uninstalled since the daemon started
-            raise MountError(f"cannot start {cfg.cvmfs2}: {exc.strerror}") from exc
+        pid = children.spawn(argv(cfg, fqrn, fuse_fd, pin_config, credentials=credentials),
+                             stdout=out, stderr=err, pass_fds=(fuse_fd,), record=record)
+    except OSError as exc:  # e.g. the client was uninstalled since the daemon started
+        os.close(out)
+        os.close(err)
+        raise MountError(f"cannot start {cfg.cvmfs2}: {exc.strerror}") from exc
+    except BaseException:
+        os.close(out)
+        os.close(err)
+        raise
+    return Launch(pid, started, out, err)
+
+
+async def finish(cfg: Config, children: Children, launch: Launch) -> Booted:
+    """Wait for a launcher start() began; return once it exited 0, i.e. the root catalog was
+    verified and the serving process reads the connection. A boot past mount_timeout, or
+    cancelled, is killed with its session."""
+    pid = launch.pid
+    try:
         try:
             with trio.move_on_after(cfg.mount_timeout) as timeout:
                 status = await children.wait(pid)
@@ -170,15 +195,23 @@ async def boot(cfg: Config, children: Children, fqrn: str, fuse_fd: int,
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await children.wait(pid)
         if timeout.cancelled_caught:
-            raise BootTimeout(cfg.mount_timeout, _read_all(err))
-        stderr = _read_all(err)
+            raise BootTimeout(cfg.mount_timeout, _read_all(launch.err))
+        stderr = _read_all(launch.err)
         if status != 0:
             raise BootFailed(status if status > 0 else None, stderr,
                              signal=-status if status < 0 else None)
-        return Booted(pid, time.monotonic() - started, _read_all(out) + stderr)
+        return Booted(pid, time.monotonic() - launch.started, _read_all(launch.out) + stderr)
     finally:
-        os.close(out)
-        os.close(err)
+        os.close(launch.out)
+        os.close(launch.err)
+
+
+async def boot(cfg: Config, children: Children, fqrn: str, fuse_fd: int,
+               pin_config: Path | None = None,
+               credentials: Credentials | None = None) -> Booted:
+    """start() and finish(): run the cvmfs2 launcher on a pre-mounted descriptor."""
+    launch = start(cfg, children, fqrn, fuse_fd, pin_config, credentials)
+    return await finish(cfg, children, launch)
 
 
 def serving_pid(mountpoint: Path) -> int:
@@ -205,5 +238,5 @@ def talk(socket_path: Path, command: str, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode(errors="replace").strip()
 
 
-__all__ = ["Booted", "Credentials", "MountError", "argv", "boot", "premount", "serving_pid",
-           "talk", "write_pin_config"]
+__all__ = ["Booted", "Credentials", "Launch", "MountError", "argv", "boot", "finish", "premount",
+           "serving_pid", "start", "talk", "write_pin_config"]

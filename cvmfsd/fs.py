@@ -118,10 +118,11 @@ class RootOperations(pyfuse3.Operations):
         """A request on a name's own inode comes from a walk that did not cross a mount there.
 
         Our mount workers get answered at once. Anyone else waits (bounded) until the name's
-        mount is in place — made at once, before cvmfs2 even starts — and gets ESTALE, so the
-        VFS walks again with LOOKUP_REVAL, crosses the mount and waits there, in the kernel,
-        for cvmfs2's answer. A name that failed answers with its error. Waiting requests are
-        shared out by requester, so that nobody can hold every FUSE task of the root.
+        mount is in place — made within about a millisecond, long before cvmfs2 serves — and gets
+        ESTALE, so the VFS walks again with LOOKUP_REVAL, crosses the mount and waits there, in
+        the kernel, for cvmfs2's answer. A name that failed answers with its error. Waiting
+        requests are shared out by requester, so that nobody can hold every FUSE task of the
+        root.
         """
         repo = self._repo(inode)
         if self.registry.is_own_thread(ctx.pid):

@@ -9,6 +9,7 @@ share is taken (a boot started, a handler about to wait), never per plain lookup
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -34,11 +35,19 @@ def pod_of(cgroup_text: str) -> str | None:
 def identify(uid: int, pid: int) -> Requester:
     """Requester of a FUSE request (its context's uid and pid). A process that is gone by now
     counts as its uid alone."""
+    # os.open/os.read, not open(): no buffered text file object to build (fstat, ioctl,
+    # lseek and a decoder) on the way of every first lookup (docs/perf.md).
     try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
-            return Requester(uid, pod_of(f.read(4096)))
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return Requester(uid)
+    try:
+        text = os.read(fd, 4096).decode("utf-8", "replace")
+    except OSError:
+        return Requester(uid)
+    finally:
+        os.close(fd)
+    return Requester(uid, pod_of(text))
 
 
 __all__ = ["Requester", "identify", "pod_of"]

@@ -145,7 +145,10 @@ def test_probed_names_start_nothing(daemon: Daemon) -> None:
 def test_missing_repository_is_enoent(daemon: Daemon) -> None:
     with pytest.raises(FileNotFoundError):
         os.stat(daemon.path("nonexistent.cern.ch") / "README")
-    attempts = daemon.mount_attempts("nonexistent.cern.ch")
+    # The caller is answered when the name has failed; the mount line reaches the log through
+    # the log's queue and writer thread, a moment later.
+    attempts = daemon.wait_for("the failed mount's line",
+                               lambda: daemon.mount_attempts("nonexistent.cern.ch"))
     assert [a["exit_code"] for a in attempts] == [16]
     assert "Failed to initialize root file catalog" in attempts[0]["stderr_tail"]
 

@@ -236,3 +236,20 @@ def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> 
         "domain.d/cern.ch.conf", "config.d/sft.cern.ch.local")] + [str(pin_file)]
     # Without a pin, the node hierarchy is cvmfs2's own business: no config= at all.
     assert "config=" not in backend.argv(cfg, "sft.cern.ch", 5, etc=etc)[2]
+
+
+def test_boot_slots_try_acquire_takes_only_what_is_free() -> None:
+    """The early start's slot (Mounter._take_slot) never waits: a free slot of the shared pool,
+    of the reserve only for a requester with no boot running, or none."""
+    from cvmfsd.mounter import BootSlots
+
+    async def check() -> None:
+        slots = BootSlots(1, 1)
+        assert slots.try_acquire(may_use_reserve=False) == "shared"
+        assert slots.try_acquire(may_use_reserve=False) is None
+        assert slots.try_acquire(may_use_reserve=True) == "reserve"
+        assert slots.try_acquire(may_use_reserve=True) is None
+        slots.release("shared")
+        assert await slots.acquire(may_use_reserve=False) == "shared"
+
+    trio.run(check)

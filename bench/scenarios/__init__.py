@@ -12,7 +12,7 @@ from ..common import Progress
 from ..systems import CONTROL, System, make
 from ..workspace import Workspace
 
-ORDER = ("cold", "metadata", "reads", "storm", "footprint", "csi", "attack")
+ORDER = ("cold", "metadata", "reads", "storm", "footprint", "csi", "restart", "attack")
 
 
 @dataclass
@@ -44,6 +44,9 @@ class Sizes:
     attack_churn_threads: int = 64
     attack_hoard: int = 20         # hoard-mounts: the attacker's share of mounts
     attack_only: str = ""          # a comma list of attacks; empty: every one
+    restart_rounds: int = 10       # restarts per path (graceful, crash, upgrade, reexec)
+    restart_readers: int = 8       # half on the host, half in pod views (+ one with its cwd inside)
+    restart_repos: int = 4
 
     def counts(self) -> list[int]:
         return [int(c) for c in self.footprint_counts.split(",") if c.strip()]
@@ -62,7 +65,8 @@ QUICK = dict(cold_reps=3, meta_dirs=10, meta_files=30, meta_reps=2, warm_rounds=
              read_small_count=50, read_rand_count=500, read_reps=2, storm_procs=8,
              storm_repos=4, storm_reps=1, footprint_counts="0,1,3", footprint_window_s=1.0,
              csi_cycles=10, csi_cold=2, attack_reps=2, attack_seconds=4.0, attack_threads=100,
-             attack_churn_threads=16, attack_hoard=3)
+             attack_churn_threads=16, attack_hoard=3, restart_rounds=2, restart_readers=2,
+             restart_repos=2)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..common import PY, stop_process, umount_below
@@ -20,13 +21,19 @@ from .base import System
 class Cvmfsd(System):
     name = "cvmfsd"
 
-    def __init__(self, ws: Workspace, tag: str = "", **overrides: Any) -> None:
+    def __init__(self, ws: Workspace, tag: str = "", src: Path | None = None,
+                 **overrides: Any) -> None:
         super().__init__(ws, tag)
+        # Where `python -m cvmfsd` runs from (bench.profile compares two revisions at once).
+        self.src = src or ws.src
         self.run_dir = self.dir / "run"
         self.overrides = overrides
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "cvmfsd.log"
         self.config_path = self.dir / "cvmfsd.toml"
+        self._log_offset = 0
+        self._log_rest = b""
+        self._ready_count = 0
 
     def config(self) -> dict[str, Any]:
         values: dict[str, Any] = {
@@ -39,20 +46,61 @@ class Cvmfsd(System):
         return values
 
     def setup(self, repos: Sequence[str] = ()) -> None:
+        self.write_config()
+        self._spawn(self.src)
+        self.wait_ready(1)
+
+    def write_config(self) -> None:
         self.config_path.write_text(
             "\n".join(f"{k} = {json.dumps(v)}" for k, v in self.config().items()) + "\n")
+
+    def _spawn(self, src: Path) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([PY, "-m", "cvmfsd", "run", "-c", str(self.config_path)],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         cwd=self.ws.src, env=self.ws.src_env())
-        deadline = time.monotonic() + 30
-        while not self.events("ready"):
+                                         cwd=src, env=self.ws.src_env(src))
+
+    def readies(self) -> int:
+        """"ready" lines in the log so far (one per start, re-exec included). Reads only what
+        was added since the last call: cheap enough to poll while others are measured."""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_offset)
+            data = self._log_rest + f.read()
+        cut = data.rfind(b"\n") + 1
+        self._log_offset += len(data) - len(self._log_rest)
+        self._log_rest = data[cut:]
+        self._ready_count += data[:cut].count(b'"event": "ready"')
+        return self._ready_count
+
+    def wait_ready(self, count: int, timeout: float = 60.0, poll: float = 0.01) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.readies() < count:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cvmfsd exited {self.proc.returncode}: "
                                    f"{self.log.read_text()[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cvmfsd not ready: {self.log.read_text()[-2000:]}")
-            time.sleep(0.01)
+            time.sleep(poll)
+
+    def restart(self, how: str, src: Path | None = None) -> dict[str, float]:
+        """Restart the daemon the way `how` says, and return when the new one is ready:
+        graceful (SIGTERM with stop_mode handover, then a new process), crash (SIGKILL, then a
+        new process), upgrade (SIGTERM, then a new process from src: other code), reexec
+        (SIGUSR2: the same pid execs itself). Times (CLOCK_MONOTONIC) of each step."""
+        assert self.proc is not None
+        count = self.readies() + 1
+        times = {"begin": time.monotonic()}
+        if how == "reexec":
+            self.proc.send_signal(signal.SIGUSR2)
+        else:
+            self.proc.send_signal(signal.SIGKILL if how == "crash" else signal.SIGTERM)
+            self.proc.wait(timeout=90)
+            times["old_exited"] = time.monotonic()
+            self._spawn(src or self.src)
+        self.wait_ready(count)
+        times["ready"] = time.monotonic()
+        return times
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []

@@ -58,6 +58,13 @@ class Direct(System):
         self.note_serving_pid(repo)
         return took
 
+    def boot_argv(self, repo: str) -> list[str]:
+        """The command line of a boot that someone else runs (the cold scenario's worker boots
+        and stats at once); the mount is this system's to undo at teardown."""
+        self.path(repo).mkdir(exist_ok=True)
+        self.mounted.append(repo)
+        return self.argv(repo)
+
     def launch(self, repo: str) -> subprocess.Popen[bytes]:
         """Start a boot without waiting (the storm baseline launches many at once)."""
         self.path(repo).mkdir(exist_ok=True)
