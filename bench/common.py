@@ -27,7 +27,7 @@ MNT_DETACH = 2
 for _path in (REPO_ROOT / "tests", REPO_ROOT / "tests" / "real"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
-kit = importlib.import_module("standin.kit")
+kit = importlib.import_module("cvmfs2_standin.kit")
 realrepo = importlib.import_module("realrepo")
 
 

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="measure cvmfsd and the CSI plugin as committed in this git revision "
                    "(exported with git archive) instead of the working tree")
     real = p.add_argument_group(
-        "real client", "by default every system runs the cvmfs2 stand-in (tests/standin)")
+        "real client", "by default every system runs the cvmfs2 stand-in (cvmfs2_standin)")
     real.add_argument("--real", action="store_true",
                       help="the real cvmfs2 (--cvmfs2, default /usr/bin/cvmfs2) on repositories "
                       "the harness makes with cvmfs_swissknife under the work directory and "
@@ -182,7 +182,7 @@ def versions(ws: Workspace, commit: str | None) -> dict[str, Any]:
         "git_commit": commit or _cmd("git", "rev-parse", "HEAD"),
         # Uncommitted changes in what was measured (with --cvmfsd-rev: only bench and the
         # stand-in come from the working tree).
-        "git_dirty": bool(_cmd("git", "status", "--porcelain", "--", "bench", "tests/standin",
+        "git_dirty": bool(_cmd("git", "status", "--porcelain", "--", "bench", "cvmfs2_standin",
                                ":(exclude)bench/results",
                                *(() if commit else ("cvmfsd", "csi")))),
     }
@@ -335,7 +335,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, selected: list[str], progress: 
 
 def _backend_record(ws: Workspace) -> dict[str, Any]:
     if ws.real is None:
-        return {"kind": "standin", "cvmfs2": "tests/standin/cvmfs2.py"}
+        return {"kind": "standin", "cvmfs2": "cvmfs2_standin/cvmfs2.py"}
     record: dict[str, Any] = {"kind": "real", "cvmfs2": str(ws.real.cvmfs2),
                               "version": realrepo.client_version(ws.real.cvmfs2)}
     if ws.real.given:

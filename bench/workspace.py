@@ -144,7 +144,7 @@ class Workspace:
             text = subprocess.run([str(probe.cvmfs2), "--version"], capture_output=True,
                                   text=True, timeout=60).stdout.strip()
             shutil.rmtree(probe.dir, ignore_errors=True)
-            return f"cvmfs2 stand-in (tests/standin), reports: {text}"
+            return f"cvmfs2 stand-in (cvmfs2_standin), reports: {text}"
         return self.real.describe()
 
     def src_env(self, src: Path | None = None) -> dict[str, str]:

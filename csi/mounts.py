@@ -25,7 +25,7 @@ from typing import TypeVar
 
 # The syscall layer is the daemon's (one copy): mount(2)/umount2(2) flags, the new mount API,
 # mountinfo's escapes. Names re-exported for csi.node and the tests.
-from cvmfsd.kernel import (
+from cvmfsd.core.kernel import (
     AT_EMPTY_PATH as AT_EMPTY_PATH,
     AT_RECURSIVE as AT_RECURSIVE,
     MNT_DETACH as MNT_DETACH,

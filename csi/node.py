@@ -54,7 +54,7 @@ from csi.volume import (
     mode_name,
     repository_from,
 )
-from cvmfsd.names import SNAPSHOTS_DIR
+from cvmfsd.core.names import SNAPSHOTS_DIR
 
 log = structlog.get_logger("csi.node")
 

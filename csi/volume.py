@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from csi.proto import csi_pb2
 from csi.rpc import invalid
-from cvmfsd.names import SNAPSHOTS_DIR, InvalidName, Pin, check_pin, snapshot_name
+from cvmfsd.core.names import SNAPSHOTS_DIR, InvalidName, Pin, check_pin, snapshot_name
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 

@@ -1,6 +1,6 @@
 """Helpers for tests and demos that drive the cvmfs2 stand-in.
 
-    from standin.kit import make_repo, write_wrapper, write_config
+    from cvmfs2_standin.kit import make_repo, write_wrapper, write_config
 
 ``make_repo`` lays out a repository on the stand-in's local "stratum 1",
 ``write_wrapper`` writes the executable to configure as the cvmfs2 binary and

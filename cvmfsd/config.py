@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .names import InvalidName, NamePolicy, check_syntax
+from .core.names import InvalidName, NamePolicy, check_syntax
 
 DEFAULT_CONFIG_PATH = Path("/etc/cvmfsd/cvmfsd.toml")
 

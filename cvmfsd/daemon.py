@@ -15,15 +15,16 @@ import pyfuse3
 import structlog
 import trio
 
-from . import __version__, fusedev, kernel, rootmount, signals, takeover
-from .admin import Admin
-from .children import Children, Tracked, stop_leftovers
+from . import __version__, signals
+from .admin.service import Admin
 from .config import Config
-from .fs import RootOperations
-from .mounter import Mounter
-from .registry import Registry, Repo
-from .upkeep import Upkeep
-from .usage import ViewMonitor
+from .core import fusedev, kernel, rootmount, takeover
+from .core.children import Children, Tracked, stop_leftovers
+from .core.fs import RootOperations
+from .core.mounter import Mounter
+from .core.registry import Registry, Repo
+from .core.upkeep import Upkeep
+from .core.usage import ViewMonitor
 
 log = structlog.get_logger("cvmfsd")
 

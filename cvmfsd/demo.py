@@ -72,7 +72,7 @@ def main(keep_going: bool = False) -> int:
         print(f"cvmfsd demo: needs the source tree (no {STANDIN})", file=sys.stderr)
         return 2
     sys.path.insert(0, str(STANDIN.parent))
-    from standin.kit import make_repo, write_config, write_wrapper
+    from cvmfs2_standin.kit import make_repo, write_config, write_wrapper
 
     with tempfile.TemporaryDirectory(prefix="cvmfsd-demo-") as tmp_name:
         tmp = Path(tmp_name)

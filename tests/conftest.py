@@ -21,7 +21,8 @@ from typing import Any
 import psutil
 import pytest
 from attack_kit import control
-from standin.kit import make_repo, write_config, write_wrapper
+
+from cvmfs2_standin.kit import make_repo, write_config, write_wrapper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_FILES: dict[str, bytes | str] = {

@@ -35,7 +35,8 @@ from conftest import (
     soak_size,
     toml_config,
 )
-from standin.kit import make_repo, root_hash
+
+from cvmfs2_standin.kit import make_repo, root_hash
 
 
 @pytest.fixture
@@ -583,7 +584,7 @@ def test_refusal_lines_are_rate_limited(attack_daemon: Callable[..., Daemon]) ->
 
 # --- 5. the name table ----------------------------------------------------------------------------
 def ctl(d: Daemon | Unlogged, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cvmfsd.ctl", "--socket",
+    return subprocess.run([sys.executable, "-m", "cvmfsd.admin.ctl", "--socket",
                            str(d.run_dir / "cvmfsd.sock"), *args], capture_output=True,
                           text=True, timeout=600, cwd=REPO_ROOT)
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import DEMO_FILES, REPO_ROOT, Env
 from hypothesis import given, settings, strategies as st
 
-from cvmfsd import admin, cli, config, ctl
+from cvmfsd import cli, config
+from cvmfsd.admin import ctl, service as admin
 from cvmfsd.config import Config, ConfigError
 
 EXAMPLE = REPO_ROOT / "systemd" / "cvmfsd.toml.example"
@@ -274,7 +275,7 @@ def test_cvmfsctl_never_ignores_a_bad_config_file(tmp_path: Path, content: str |
     if content is not None:
         path.write_text(content)
     env = {k: v for k, v in os.environ.items() if k != "CVMFSCTL_SOCKET"}
-    out = subprocess.run([sys.executable, "-m", "cvmfsd.ctl", "-c", str(path), "status"],
+    out = subprocess.run([sys.executable, "-m", "cvmfsd.admin.ctl", "-c", str(path), "status"],
                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env)
     assert out.returncode == 1
     assert message in out.stderr and str(path) in out.stderr

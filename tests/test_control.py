@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, toml_config
 
-from cvmfsd import control
+from cvmfsd.admin import control
 from cvmfsd.config import parse_listen
 
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT, Daemon, toml_config
 
-from cvmfsd import ctl
+from cvmfsd.admin import ctl
 
 
 def cvmfsctl(d: Daemon | Path, *args: str, env: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess[str]:
     sock = d if isinstance(d, Path) else d.run_dir / "cvmfsd.sock"
-    return subprocess.run([sys.executable, "-m", "cvmfsd.ctl", "--socket", str(sock), *args],
+    return subprocess.run([sys.executable, "-m", "cvmfsd.admin.ctl", "--socket", str(sock), *args],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
                           env={**os.environ, **(env or {})})
 

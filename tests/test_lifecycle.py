@@ -19,7 +19,7 @@ import pytest
 from conftest import DEMO_FILES, Daemon, exited, mounts_under, reap, soak_size
 from podview import PodView
 
-from cvmfsd import kernel
+from cvmfsd.core import kernel
 
 BLOB = DEMO_FILES["data/blob.bin"]
 

@@ -19,7 +19,8 @@ import pytest
 from conftest import Daemon
 from prometheus_client.parser import text_string_to_metric_families
 
-from cvmfsd import __version__, metrics
+from cvmfsd import __version__
+from cvmfsd.admin import metrics
 from cvmfsd.config import Config
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
@@ -214,13 +215,13 @@ def test_info_and_internal_errors_series(tmp_path) -> None:  # type: ignore[no-u
     import trio
     from prometheus_client.exposition import generate_latest
 
-    from cvmfsd.admin import Admin
-    from cvmfsd.children import Children
-    from cvmfsd.fs import RootOperations
-    from cvmfsd.mounter import Mounter
-    from cvmfsd.notify import Notifier
-    from cvmfsd.registry import ROOT_INODE, Registry
-    from cvmfsd.upkeep import Upkeep
+    from cvmfsd.admin.notify import Notifier
+    from cvmfsd.admin.service import Admin
+    from cvmfsd.core.children import Children
+    from cvmfsd.core.fs import RootOperations
+    from cvmfsd.core.mounter import Mounter
+    from cvmfsd.core.registry import ROOT_INODE, Registry
+    from cvmfsd.core.upkeep import Upkeep
 
     cfg = Config(root=tmp_path / "root", run_dir=tmp_path / "run", cvmfs2=Path("/bin/false"),
                  snapshot_dir=tmp_path / "snapshots")

@@ -12,9 +12,9 @@ import pytest
 from conftest import Daemon
 from hypothesis import given, settings, strategies as st
 
-from cvmfsd import backend
 from cvmfsd.config import Config
-from cvmfsd.names import (
+from cvmfsd.core import backend
+from cvmfsd.core.names import (
     _PROBED_SUFFIXES as PROBED_SUFFIXES,
     PROBED_NAMES,
     InvalidName,
@@ -23,7 +23,7 @@ from cvmfsd.names import (
     check_syntax,
 )
 
-# Written independently of cvmfsd.names: the autofs program map rule (interface §7).
+# Written independently of cvmfsd.core.names: the autofs program map rule (interface §7).
 AUTOFS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 INJECTIONS = ["a.b,allow_other", "-o", "-oallow_other.x", "x.y/../z", "a.b\nc.d", "a.b\x00c.d",

@@ -20,7 +20,7 @@ import pytest
 import trio
 from conftest import Daemon, mounts_under
 
-from cvmfsd.notify import Notifier
+from cvmfsd.admin.notify import Notifier
 
 
 def _root_mounted(root: Path) -> bool:
@@ -191,13 +191,13 @@ def test_ready_waits_for_the_root_to_answer(tmp_path: Path) -> None:
     """READY=1 must not come before the root answers a listing. The admin surface runs here
     on a root that the test controls: it does not exist (every check fails) until the test
     creates it, so the fake knows the root's state at the moment READY arrives."""
-    from cvmfsd.admin import Admin
-    from cvmfsd.children import Children
+    from cvmfsd.admin.service import Admin
     from cvmfsd.config import Config
-    from cvmfsd.fs import RootOperations
-    from cvmfsd.mounter import Mounter
-    from cvmfsd.registry import Registry
-    from cvmfsd.upkeep import Upkeep
+    from cvmfsd.core.children import Children
+    from cvmfsd.core.fs import RootOperations
+    from cvmfsd.core.mounter import Mounter
+    from cvmfsd.core.registry import Registry
+    from cvmfsd.core.upkeep import Upkeep
 
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(tmp_path / "notify"))
@@ -302,8 +302,8 @@ def test_liveness_fails_on_a_root_that_does_not_answer(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent / "csi"))
     from csi_harness import StandinRoot
 
-    from cvmfsd.notify import Liveness
-    from cvmfsd.registry import Registry
+    from cvmfsd.admin.notify import Liveness
+    from cvmfsd.core.registry import Registry
 
     root = StandinRoot(tmp_path).start()
     try:

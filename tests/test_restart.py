@@ -20,7 +20,7 @@ import psutil
 from conftest import DEMO_FILES, REPO_ROOT, Daemon, mounts_under, soak_size
 from podview import PodView
 
-from cvmfsd import kernel
+from cvmfsd.core import kernel
 
 REPOS = ["alice.cern.ch", "atlas.cern.ch", "cms.cern.ch", "lhcb.cern.ch", "sft.cern.ch",
          "oasis.opensciencegrid.org", "icecube.opensciencegrid.org", "ligo.osgstorage.org"]

@@ -11,9 +11,9 @@ import time
 import pytest
 from conftest import Daemon, Env, exited, mounts_under, reap
 from podview import PodView
-from standin.kit import make_repo, root_hash
 
-from cvmfsd.names import InvalidName, NamePolicy, parse_snapshot
+from cvmfs2_standin.kit import make_repo, root_hash
+from cvmfsd.core.names import InvalidName, NamePolicy, parse_snapshot
 
 REPO = "sw.cern.ch"
 

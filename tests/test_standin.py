@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from standin.kit import (
+
+from cvmfs2_standin.kit import (
     Raw,
     Symlink,
     basic_params,

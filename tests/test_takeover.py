@@ -17,8 +17,8 @@ import pytest
 from conftest import DEMO_FILES, Daemon, mounts_under, soak_size
 from podview import PodView
 
-from cvmfsd import kernel
-from cvmfsd.rootmount import ours
+from cvmfsd.core import kernel
+from cvmfsd.core.rootmount import ours
 
 READER = Path(__file__).with_name("restart_reader.py")
 REPOS = ["alice.cern.ch", "atlas.cern.ch", "cms.cern.ch"]

@@ -17,12 +17,12 @@ import pytest
 import trio
 
 from cvmfsd import config as config_mod
-from cvmfsd.children import Children
 from cvmfsd.config import Config, ConfigError
-from cvmfsd.fs import FOREVER, RootOperations
-from cvmfsd.lifecycle import Event, IllegalTransition, State, backoff, crash_loop, next_state
-from cvmfsd.mounter import Mounter
-from cvmfsd.registry import ROOT_INODE, SNAPSHOTS_INODE, Registry
+from cvmfsd.core.children import Children
+from cvmfsd.core.fs import FOREVER, RootOperations
+from cvmfsd.core.lifecycle import Event, IllegalTransition, State, backoff, crash_loop, next_state
+from cvmfsd.core.mounter import Mounter
+from cvmfsd.core.registry import ROOT_INODE, SNAPSHOTS_INODE, Registry
 
 # --- lifecycle -----------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ def test_backoff_and_crash_loop() -> None:
 def test_crash_loop_backoff_is_not_reset_by_a_successful_boot() -> None:
     reg = Registry(2.0, 300.0, restart_window=60.0, restart_burst=1)
     repo = reg.candidate("a.b")
-    from cvmfsd.errors import BackendDied
+    from cvmfsd.core.errors import BackendDied
 
     async def scenario() -> list[float]:
         retries = []
@@ -217,8 +217,8 @@ def test_snapshots_directory_is_hidden_and_validated() -> None:
 def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> None:
     """`config=` replaces cvmfs2's own hierarchy, so a pinned instance on a node without an
     explicit file list gets the node's files in cvmfs2's order, then its pin file."""
-    from cvmfsd import backend
-    from cvmfsd.names import Pin
+    from cvmfsd.core import backend
+    from cvmfsd.core.names import Pin
 
     etc = tmp_path / "etc"
     for rel in ("default.conf", "default.d/50-site.conf", "default.d/10-a.conf", "default.local",
@@ -241,7 +241,7 @@ def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> 
 def test_boot_slots_try_acquire_takes_only_what_is_free() -> None:
     """The early start's slot (Mounter._take_slot) never waits: a free slot of the shared pool,
     of the reserve only for a requester with no boot running, or none."""
-    from cvmfsd.mounter import BootSlots
+    from cvmfsd.core.mounter import BootSlots
 
     async def check() -> None:
         slots = BootSlots(1, 1)

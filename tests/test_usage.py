@@ -1,4 +1,4 @@
-"""The namespace scan's rules (cvmfsd/usage.py, docs/views.md B) on mount tables written out by
+"""The namespace scan's rules (cvmfsd/core/usage.py, docs/views.md B) on mount tables written out by
 hand, and its bounds: an unfinished scan means busy. End to end (real namespaces, the plugin,
 pods) in tests/csi/test_views.py."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cvmfsd import usage
+from cvmfsd.core import usage
 
 ROOT, STAGING = b"/cvmfs", b"/run/cvmfsd/staging"
 M = (0, 45)  # the repository mount's device

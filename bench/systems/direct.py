@@ -15,7 +15,7 @@ from ..common import umount
 from ..workspace import Workspace
 from .base import System
 
-# The environment cvmfsd gives cvmfs2 (cvmfsd/children.py): booting by hand with the same
+# The environment cvmfsd gives cvmfs2 (cvmfsd/core/children.py): booting by hand with the same
 # environment and the same command line keeps the two boots comparable.
 BOOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from .config import admin_gid
-from .errors import MountError
+from ..config import admin_gid
+from ..core.errors import MountError
 
 if TYPE_CHECKING:
-    from .admin import Admin
+    from .service import Admin
 
 log = structlog.get_logger("cvmfsd.control")
 
@@ -361,7 +361,7 @@ class Server:
         return False
 
     async def _dispatch(self, line: bytes, pid: int, uid: int) -> dict[str, Any]:
-        from .admin import AdminError
+        from .service import AdminError
 
         rid: Any = None
         cmd = "-"

@@ -60,7 +60,7 @@ def socket_path(explicit: str | None, config: Path | None) -> Path:
         return Path(explicit)
     if os.environ.get("CVMFSCTL_SOCKET"):
         return Path(os.environ["CVMFSCTL_SOCKET"])
-    from . import config as config_mod
+    from .. import config as config_mod
 
     path = config or DEFAULT_CONFIG
     try:

@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import __version__
-from .errors import MountError
-from .lifecycle import Event, State
-from .registry import Registry, Repo
+from .. import __version__
+from ..core.errors import MountError
+from ..core.lifecycle import Event, State
+from ..core.registry import Registry, Repo
 
 if TYPE_CHECKING:
-    from .admin import Admin
+    from .service import Admin
 
 log = structlog.get_logger("cvmfsd.metrics")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from .registry import Registry
+from ..core.registry import Registry
 
 log = structlog.get_logger("cvmfsd.notify")
 

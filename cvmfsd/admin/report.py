@@ -27,10 +27,10 @@ from typing import Any
 
 import trio
 
-from . import backend
-from .calls import BackendCalls, BackendHung
-from .lifecycle import State
-from .registry import Registry, Repo
+from ..core import backend
+from ..core.calls import BackendCalls, BackendHung
+from ..core.lifecycle import State
+from ..core.registry import Registry, Repo
 
 _CACHE_RE = re.compile(r"\((\d+) Bytes\).*?\((\d+) Bytes\)", re.S)
 

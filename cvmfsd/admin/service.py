@@ -21,17 +21,18 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from . import __version__, config, kernel
-from .calls import BackendHung
-from .config import Config, ConfigError
-from .errors import MountError
-from .lifecycle import State
-from .mounter import Mounter
-from .names import InvalidName, check, check_syntax, parse_snapshot
+from .. import __version__, config
+from ..config import Config, ConfigError
+from ..core import kernel
+from ..core.calls import BackendHung
+from ..core.errors import MountError
+from ..core.lifecycle import State
+from ..core.mounter import Mounter
+from ..core.names import InvalidName, check, check_syntax, parse_snapshot
+from ..core.registry import Registry, Repo
+from ..core.usage import ViewMonitor
 from .notify import Liveness, Notifier
-from .registry import Registry, Repo
 from .report import DetailReader, counts, iso, repo_entry
-from .usage import ViewMonitor
 
 log = structlog.get_logger("cvmfsd.admin")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import trio
 
+from ..config import Config
 from . import kernel
 from .children import Children
-from .config import Config
 from .errors import BootFailed, BootTimeout, MountError
 from .names import Pin, check_syntax
 

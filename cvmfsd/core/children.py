@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from .signals import IGNORED
+from ..signals import IGNORED
 
 log = structlog.get_logger("cvmfsd.children")
 

@@ -19,10 +19,10 @@ import pyfuse3
 import structlog
 import trio
 
-from .config import Config
+from ..config import Config
+from ..log import Throttle
 from .errors import MountError
 from .lifecycle import State
-from .log import Throttle
 from .mounter import Mounter
 from .names import SNAPSHOTS_DIR, InvalidName, check, parse_snapshot
 from .registry import ACTIVE, ROOT_INODE, SNAPSHOTS_INODE, Registry, Repo

@@ -31,10 +31,11 @@ import outcome
 import structlog
 import trio
 
+from ..config import Config
+from ..log import Throttle
 from . import anchor as anchors, backend, fusedev, kernel
 from .calls import BackendCalls
 from .children import Children, Tracked, orphans_with
-from .config import Config
 from .errors import (
     AttachFailed,
     BackendDied,
@@ -44,7 +45,6 @@ from .errors import (
     WalkAgain,
 )
 from .lifecycle import Event, State
-from .log import Throttle
 from .registry import ACTIVE, Registry, Repo
 from .requester import Requester
 

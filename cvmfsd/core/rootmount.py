@@ -16,8 +16,8 @@ from pathlib import Path
 
 import structlog
 
+from ..config import Config
 from . import kernel
-from .config import Config
 
 log = structlog.get_logger("cvmfsd.rootmount")
 

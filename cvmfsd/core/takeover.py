@@ -22,8 +22,8 @@ from typing import TypeVar
 
 import structlog
 
+from ..config import Config
 from . import backend, kernel
-from .config import Config
 from .names import SNAPSHOTS_DIR, InvalidName, Pin, check, parse_snapshot
 from .rootmount import ours
 

@@ -13,8 +13,8 @@ import signal
 import structlog
 import trio
 
+from ..config import Config
 from . import kernel
-from .config import Config
 from .lifecycle import Event, State
 from .mounter import Mounter
 from .probe import Observed, idle_counter, probe

@@ -63,7 +63,7 @@ def test_pinned_volumes_share_one_instance(
 ) -> None:
     """Two pods (two namespaces) pinned to the same tag: the pinned content at their mount path,
     one cvmfs2 for both; a bad tag is NotFound; an injection in the pin is InvalidArgument."""
-    from standin.kit import make_repo
+    from cvmfs2_standin.kit import make_repo
 
     env = daemon.env
     make_repo(env.server, "sw.cern.ch", {"VERSION": "1\n"}, revision=1, tags=["v1"])

@@ -48,7 +48,7 @@ from views_harness import (
 )
 
 from csi.proto import csi_pb2
-from cvmfsd import kernel
+from cvmfsd.core import kernel
 
 pytestmark = needs_root
 

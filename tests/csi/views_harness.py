@@ -62,7 +62,7 @@ def subpath_bind(kubelet_dir: Path, target: Path, sub: str, index: int = 0) -> P
 
 
 def cvmfsctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cvmfsd.ctl", "--socket",
+    return subprocess.run([sys.executable, "-m", "cvmfsd.admin.ctl", "--socket",
                            str(run_dir / "cvmfsd.sock"), *args],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 

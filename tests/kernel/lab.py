@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from cvmfsd import kernel as K  # noqa: E402
+from cvmfsd.core import kernel as K  # noqa: E402
 
 PY = sys.executable
 OPEN_TREE_CLONE = K.OPEN_TREE_CLONE

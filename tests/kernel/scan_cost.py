@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from cvmfsd import usage  # noqa: E402
+from cvmfsd.core import usage  # noqa: E402
 
 SIZES = [(0, 0), (50, 0), (200, 0), (200, 100)]  # (extra namespaces, extra mounts in each)
 

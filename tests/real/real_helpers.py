@@ -43,7 +43,7 @@ def xattr(path: Path, name: str) -> str:
 
 
 def cvmfsctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cvmfsd.ctl", "--socket",
+    return subprocess.run([sys.executable, "-m", "cvmfsd.admin.ctl", "--socket",
                            str(run_dir / "cvmfsd.sock"), *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO_ROOT)
 

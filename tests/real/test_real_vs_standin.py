@@ -2,7 +2,7 @@
 configurations against both, the same exit codes, messages and observable mount properties.
 
 Every scenario here is one where the two once disagreed, or one cvmfsd depends on. What the
-stand-in does not model on purpose (tests/standin/README.md, "Not honoured") is left out."""
+stand-in does not model on purpose (cvmfs2_standin/README.md, "Not honoured") is left out."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from realrepo import (
     revision_files,
     write_client_config,
 )
-from standin.kit import make_repo, talk, write_wrapper
+
+from cvmfs2_standin.kit import make_repo, talk, write_wrapper
 
 pytestmark = pytest.mark.real
 FQRN = "alpha.real.test"

@@ -7,7 +7,7 @@ Writes REPORT_DIR/<pid>.json. Everything cvmfs2 needs beyond what the stand-in i
 /dev/fuse through the device policy, the capabilities to drop to the cvmfs user (chown its
 workspace, setgroups/setgid/setuid) and to be signalled by root afterwards (CAP_KILL), and a
 system call filter that answers EPERM instead of killing. The stand-in does not switch
-credentials itself (tests/standin/README.md), so the drop is tried here, in a child.
+credentials itself (cvmfs2_standin/README.md), so the drop is tried here, in a child.
 """
 
 from __future__ import annotations

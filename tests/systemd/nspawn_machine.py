@@ -139,7 +139,7 @@ for info in pkgutil.walk_packages(cvmfsd.__path__, "cvmfsd."):
 for info in pkgutil.iter_modules([repo + "/tests/standin"]):
     if info.name != "kit":  # the tests' side of the stand-in, a package module
         importlib.import_module(info.name)
-importlib.import_module("standin.kit")
+importlib.import_module("cvmfs2_standin.kit")
 for name in ("ctypes", "hashlib", "ssl", "uuid", "zlib", "lzma", "bz2", "json", "socket",
              "select", "fcntl", "resource", "termios", "pyfuse3", "trio", "psutil", "structlog",
              "prometheus_client", "tomllib", "sqlite3", "decimal", "_posixsubprocess"):

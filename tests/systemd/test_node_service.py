@@ -17,8 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 from nspawn_machine import REPO_ROOT, Machine, Unavailable, ensure_tree
-from standin.kit import make_repo
 from systemd_node import ROOT, UNIT, Node, journal_on_failure, wait_for
+
+from cvmfs2_standin.kit import make_repo
 
 pytestmark = pytest.mark.systemd
 
