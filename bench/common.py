@@ -22,9 +22,10 @@ WORKER = Path(__file__).resolve().parent / "worker.py"
 PY = sys.executable
 MNT_DETACH = 2
 
-# The cvmfs2 stand-in lives with the tests; the harness drives the same backend they use. So
-# does the real tier's repository maker (tests/real/realrepo.py), for runs on the real client.
-for _path in (REPO_ROOT / "tests", REPO_ROOT / "tests" / "real"):
+# The harness drives the backend the tests use, the cvmfs2 stand-in (cvmfs2_standin/), the
+# tests' attack kit (tests/attack_kit.py) and the real tier's repository maker
+# (tests/real/realrepo.py) for runs on the real client.
+for _path in (REPO_ROOT, REPO_ROOT / "tests", REPO_ROOT / "tests" / "real"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 kit = importlib.import_module("cvmfs2_standin.kit")

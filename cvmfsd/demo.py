@@ -1,5 +1,6 @@
-"""`cvmfsd demo`: the daemon on a temporary root, backed by the cvmfs2 stand-in from the
-source tree and a few demo repositories. Shows a repository appearing on its first access.
+"""`cvmfsd demo`: the daemon on a temporary root, backed by the cvmfs2 stand-in (the
+cvmfs2_standin package, shipped beside cvmfsd) and a few demo repositories. Shows a repository
+appearing on its first access.
 
 Production runs the real cvmfs2 (package `cvmfs`): `cvmfsd --cvmfs2 /usr/bin/cvmfs2`.
 """
@@ -16,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SOURCE_TREE = Path(__file__).resolve().parents[1]
-STANDIN = SOURCE_TREE / "tests" / "standin"
+from cvmfs2_standin.kit import make_repo, write_config, write_wrapper
+
 REPOS = {
     "demo.cern.ch": {"README": "Welcome to demo.cern.ch, mounted on first access.\n",
                      "bin/hello": "#!/bin/sh\necho 'hello from /cvmfs/demo.cern.ch/bin/hello'\n"},
@@ -68,11 +69,6 @@ def main(keep_going: bool = False) -> int:
     if os.geteuid() != 0:
         print("cvmfsd demo: run as root (FUSE mounts)", file=sys.stderr)
         return 2
-    if not (STANDIN / "kit.py").exists():
-        print(f"cvmfsd demo: needs the source tree (no {STANDIN})", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(STANDIN.parent))
-    from cvmfs2_standin.kit import make_repo, write_config, write_wrapper
 
     with tempfile.TemporaryDirectory(prefix="cvmfsd-demo-") as tmp_name:
         tmp = Path(tmp_name)

@@ -118,7 +118,7 @@ def our_cvmfs2(tmp: Path, since: float) -> list[psutil.Process]:
                 continue
             cmd = p.info["cmdline"] or []
             if not cmd or not (os.path.basename(cmd[0]) == "cvmfs2"
-                               or any(c.endswith("/standin/cvmfs2.py") for c in cmd)):
+                               or any(c.endswith("/cvmfs2_standin/cvmfs2.py") for c in cmd)):
                 continue
             if any(prefix in c for c in cmd) or (p.cwd() + "/").startswith(prefix):
                 mine.append(p)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-STANDIN = Path(__file__).resolve().parents[1] / "standin" / "cvmfs2.py"
+STANDIN = Path(__file__).resolve().parents[2] / "cvmfs2_standin" / "cvmfs2.py"
 # A character device outside what DevicePolicy=closed and DeviceAllow=/dev/fuse permit
 # (1:11 is /dev/kmsg: always there, and opening it write-only needs no capability).
 DENIED_DEVICE = "/dev/cvmfsd-test-kmsg"

@@ -131,13 +131,13 @@ _LOADER = r"""
 import importlib, json, pkgutil, sys
 repo = sys.argv[1]
 # The stand-in runs as a script: its modules import each other as top-level modules.
-sys.path[:0] = [repo, repo + "/tests", repo + "/tests/standin"]
+sys.path[:0] = [repo, repo + "/tests", repo + "/cvmfs2_standin"]
 import cvmfsd
 for info in pkgutil.walk_packages(cvmfsd.__path__, "cvmfsd."):
     if not info.name.endswith("__main__"):
         importlib.import_module(info.name)
-for info in pkgutil.iter_modules([repo + "/tests/standin"]):
-    if info.name != "kit":  # the tests' side of the stand-in, a package module
+for info in pkgutil.iter_modules([repo + "/cvmfs2_standin"]):
+    if info.name not in ("kit", "__init__"):  # the kit is the package's side
         importlib.import_module(info.name)
 importlib.import_module("cvmfs2_standin.kit")
 for name in ("ctypes", "hashlib", "ssl", "uuid", "zlib", "lzma", "bz2", "json", "socket",

@@ -33,7 +33,7 @@ DROPINS = Path("/etc/systemd/system/cvmfsd.service.d")
 CONFIG = Path("/etc/cvmfsd/cvmfsd.toml")
 EXAMPLE = REPO_ROOT / "systemd" / "cvmfsd.toml.example"
 ROOT = "/cvmfs"
-STANDIN_MARK = "/standin/cvmfs2.py"
+STANDIN_MARK = "/cvmfs2_standin/cvmfs2.py"
 T = TypeVar("T")
 
 
