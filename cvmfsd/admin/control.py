@@ -36,20 +36,17 @@ import socket
 import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import trio
 
 from ..config import admin_gid
 from ..core.errors import MountError
-
-if TYPE_CHECKING:
-    from .service import Admin
+from .api import PROTOCOL_VERSION, AdminApi, AdminError
 
 log = structlog.get_logger("cvmfsd.control")
 
-PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
@@ -236,7 +233,7 @@ def _error(rid: Any, code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 class Server:
-    def __init__(self, admin: Admin) -> None:
+    def __init__(self, admin: AdminApi) -> None:
         self.admin = admin
         self.gid = admin_gid(admin.cfg.admin_group)
         self.clients = 0
@@ -361,8 +358,6 @@ class Server:
         return False
 
     async def _dispatch(self, line: bytes, pid: int, uid: int) -> dict[str, Any]:
-        from .service import AdminError
-
         rid: Any = None
         cmd = "-"
         try:
@@ -412,7 +407,7 @@ class Server:
         raise RequestError("unknown_command", f"unknown command {cmd!r}")
 
 
-async def serve(admin: Admin, *,
+async def serve(admin: AdminApi, *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     await Server(admin).run(admin.cfg.control_socket_path, task_status=task_status)
 

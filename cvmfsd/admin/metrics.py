@@ -16,7 +16,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import trio
@@ -28,9 +28,7 @@ from .. import __version__
 from ..core.errors import MountError
 from ..core.lifecycle import Event, State
 from ..core.registry import Registry, Repo
-
-if TYPE_CHECKING:
-    from .service import Admin
+from .api import AdminApi
 
 log = structlog.get_logger("cvmfsd.metrics")
 
@@ -99,7 +97,7 @@ class MountObserver:
 class StateCollector:
     """Gauges (and the registry's own counters) read at scrape time."""
 
-    def __init__(self, admin: Admin, observer: MountObserver) -> None:
+    def __init__(self, admin: AdminApi, observer: MountObserver) -> None:
         self.admin = admin
         self.observer = observer
 
@@ -161,7 +159,7 @@ class StateCollector:
         yield requests
 
 
-def build(admin: Admin) -> CollectorRegistry:
+def build(admin: AdminApi) -> CollectorRegistry:
     prom = CollectorRegistry(auto_describe=False)
     observer = MountObserver(admin.registry, prom)
     prom.register(StateCollector(admin, observer))  # type: ignore[arg-type]
@@ -175,7 +173,7 @@ def _response(status: str, body: bytes, content_type: str = "text/plain; charset
     return head.encode() + body
 
 
-async def serve(admin: Admin, prom: CollectorRegistry, host: str, port: int, *,
+async def serve(admin: AdminApi, prom: CollectorRegistry, host: str, port: int, *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[:2]

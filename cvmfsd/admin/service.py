@@ -31,12 +31,12 @@ from ..core.mounter import Mounter
 from ..core.names import InvalidName, check, check_syntax, parse_snapshot
 from ..core.registry import Registry, Repo
 from ..core.usage import ViewMonitor
+from .api import PROTOCOL_VERSION, AdminError
 from .notify import Liveness, Notifier
 from .report import DetailReader, counts, iso, repo_entry
 
 log = structlog.get_logger("cvmfsd.admin")
 
-PROTOCOL_VERSION = 1
 # Keys read once at start (sockets bound, limiters sized, the root mounted, logging set up):
 # a reload that changes one of them is refused as a whole. Marked in the table of keys.
 RESTART_ONLY = config.RESTART_ONLY
@@ -49,16 +49,6 @@ MAX_NAMES = 1000
 
 class HasConfig(Protocol):
     cfg: Config
-
-
-class AdminError(Exception):
-    """A request that cannot be done; `code` is the protocol's error code."""
-
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra = extra
 
 
 class Admin:
