@@ -3,7 +3,7 @@
 Every key is declared once, as a field of Config made with key(): its type (the annotation),
 default, one-line help, whether only a restart changes it, and more text for the example file.
 Everything else comes from that one table (KEYS): the flags of `cvmfsd` (cli.py), what
-`check-config` prints, reload's RESTART_ONLY (admin.py), systemd/cvmfsd.toml.example and the
+`check-config` prints, reload's RESTART_ONLY (admin/service.py), systemd/cvmfsd.toml.example and the
 key table in README.md. Adding a key is one key() line, then
 `python -m cvmfsd.config --write-docs` (tests/test_config.py fails until the documents match).
 

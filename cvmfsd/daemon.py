@@ -238,7 +238,7 @@ async def run(cfg: Config, *, reloader: Callable[[], Config] | None = None,
                 for repo, process in adopted:
                     rt.mounter.watch(repo, process)
                 await trio.to_thread.run_sync(_root_answers, cfg)
-                # --- node admin surface: status socket, sd_notify, metrics (admin.py) -----
+                # --- node admin surface: status socket, sd_notify, metrics (admin/) ---------
                 admin = Admin(cfg, registry, rt.mounter, ops, upkeep, reloader=reloader,
                               config_file=config_file, views=views)
                 await nursery.start(admin.run)

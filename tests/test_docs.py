@@ -74,3 +74,17 @@ def test_test_map_lists_every_test_file() -> None:
     present = {p.name for p in (REPO_ROOT / "tests").glob("test_*.py")}
     assert listed == present
     assert "`csi/`" in table
+
+
+def test_readme_layout_has_a_line_for_every_folder() -> None:
+    """Each top folder of the repository, and each package of the daemon, has its line."""
+    section = README.split("\n## Layout\n")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    named = {name for line in lines for name in re.findall(r"`([\w./-]+/)`", line)}
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=True,
+                             cwd=REPO_ROOT, timeout=60).stdout.split()
+    folders = {path.split("/")[0] + "/" for path in tracked if "/" in path}
+    folders |= {str((REPO_ROOT / p).parent.relative_to(REPO_ROOT)) + "/"
+                for p in tracked if p.startswith("cvmfsd/") and p.endswith("/__init__.py")}
+    assert folders - named == set()
+    assert named - folders - {"csi/proto/", "csi/deploy/"} == set()
