@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import tomllib
@@ -37,6 +38,19 @@ def scripts() -> dict[str, str]:
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     result: dict[str, str] = pyproject["project"]["scripts"]
     return result
+
+
+def _first_party_imports(package: str) -> set[str]:
+    """The packages of this repository that `package`'s modules import directly."""
+    ours = {p.parent.name for p in REPO_ROOT.glob("*/__init__.py")}
+    found = set()
+    for path in (REPO_ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+    return found & ours - {package}
 
 
 def test_both_images_exist() -> None:
@@ -84,3 +98,16 @@ def test_cvmfsd_image_uses_the_cvmfs_packages() -> None:
     assert "cvmfs-release" in runs and re.search(r"dnf install -y [^&]*\bcvmfs\b", runs)
     base = next(args for word, args in steps if word == "FROM")
     assert base.startswith(("almalinux:9", "rockylinux:9", "quay.io/centos/centos:stream9"))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_image_copies_the_packages_its_entry_point_imports(dockerfile: Path) -> None:
+    """The entry point's package and the packages it imports are in the image (csi uses
+    cvmfsd.core's kernel calls; cvmfsd's demo the cvmfs2 stand-in)."""
+    steps = instructions(dockerfile)
+    copied = {Path(s).parts[0] for word, args in steps if word in ("COPY", "ADD")
+              for s in [p for p in shlex.split(args) if not p.startswith("--")][:-1]}
+    script = __import__("json").loads(next(a for w, a in steps if w == "ENTRYPOINT"))[0]
+    package = scripts()[script].split(".")[0]
+    needed = {package} | _first_party_imports(package)
+    assert needed - copied == set()
