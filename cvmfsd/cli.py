@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from . import __version__, config as config_mod, log, signals
+from .core import kernel
 
 COMMANDS = ("run", "check-config", "demo")
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "check-config":
         return check_config(loaded, path)
     cfg = loaded.cfg
+    kernel.limit_malloc_arenas(2)  # before log.configure starts the first thread
     log.configure(cfg.log_level, cfg.log_format)
     if loaded.file is None:
         structlog.get_logger("cvmfsd").warning("no_config_file", note=loaded.note)
