@@ -1,5 +1,8 @@
 """Modules that a dependency imports but the daemon never uses, loaded only if something does.
 
+trio imports ssl (trio._ssl) and hmac (trio._dtls), and with them OpenSSL's libcrypto: about 5
+MiB of RSS for TLS the daemon never speaks. The same stand-in defers them (cvmfsd/__init__.py).
+
 structlog imports asyncio at start (structlog.stdlib), for async logging methods the daemon
 never calls (it runs on trio): about 1.5 MiB of RSS, a twentieth of the daemon's (measured:
 docs/perf.md, "Daemon memory"). Until a first attribute is used, asyncio is a stand-in

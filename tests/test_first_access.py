@@ -189,3 +189,18 @@ def test_listings_have_dot_and_dotdot(daemon: Daemon) -> None:
     # "." of the root is the root itself.
     assert os.stat(daemon.root / ".").st_ino == os.stat(daemon.root).st_ino
 
+
+
+def test_tls_code_stays_unloaded_while_serving(daemon: Daemon) -> None:
+    """trio imports ssl and hmac, which load OpenSSL's libcrypto (about 5 MiB of the daemon's
+    RSS): cvmfsd defers them (cvmfsd/lazy.py). Mounting, listing, reading and the status socket
+    must not load them: if something on those paths uses them after all, this says which."""
+    assert (daemon.path("atlas.cern.ch") / "README").read_text() == DEMO_FILES["README"]
+    assert "atlas.cern.ch" in os.listdir(daemon.root)
+    daemon.wait_mounted("atlas.cern.ch")
+    assert daemon.call("status")["ok"] and daemon.call("list")["ok"]
+    maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+    loaded = sorted({line.split()[-1] for line in maps.splitlines()
+                     if "libcrypto" in line or "libssl" in line or "_hashlib" in line
+                     or "/_ssl." in line})
+    assert loaded == [], loaded
