@@ -263,12 +263,7 @@ class Mounter:
         if repo.name == self.cfg.config_repository:
             return _Held(None, None)
         requester = repo.requester
-        share: trio.CapacityLimiter | None = None
-        if requester is not None:
-            share = self._shares.get(requester)
-            if share is None:
-                share = self._shares[requester] = trio.CapacityLimiter(
-                    self.cfg.requester_limits[0])
+        share = self._share(requester)
         first = share is None or share.borrowed_tokens == 0
         if share is not None:
             try:
@@ -291,6 +286,15 @@ class Mounter:
         if held.share is not None:
             held.share.release_on_behalf_of(repo)
             self._drop_share(repo.requester)
+
+    def _share(self, requester: Requester | None) -> trio.CapacityLimiter | None:
+        """The requester's share of boot slots (made on first use; dropped when unused)."""
+        if requester is None:
+            return None
+        share = self._shares.get(requester)
+        if share is None:
+            share = self._shares[requester] = trio.CapacityLimiter(self.cfg.requester_limits[0])
+        return share
 
     def _drop_share(self, requester: Requester | None) -> None:
         share = self._shares.get(requester) if requester is not None else None
@@ -318,12 +322,7 @@ class Mounter:
             yield
             return
         requester = repo.requester
-        share: trio.CapacityLimiter | None = None
-        if requester is not None:
-            share = self._shares.get(requester)
-            if share is None:
-                share = self._shares[requester] = trio.CapacityLimiter(
-                    self.cfg.requester_limits[0])
+        share = self._share(requester)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 first = share is None or share.borrowed_tokens == 0
