@@ -32,8 +32,12 @@ class MountError(Exception):
         self.stderr_tail = stderr[-STDERR_TAIL:]
 
     def replay(self) -> MountError:
-        """A fresh exception with the same facts. Raising the stored one again would hang each
-        raise's traceback onto it: a lookup loop on a failed name grows it without bound."""
+        """A fresh exception with the same facts, and no traceback. Raising the stored one again
+        would hang each raise's traceback onto it: a lookup loop on a failed name grows it
+        without bound. Stored as it was caught, its traceback would keep the failed boot's
+        frames and all they refer to alive for as long as the name is remembered (up to
+        max_names of them: under 60 s of ever new failing names, peak RSS 93.6 MiB against 72.0
+        without the tracebacks, bench/results/attack-60s/)."""
         fresh = type(self).__new__(type(self))
         fresh.__dict__.update(self.__dict__)
         fresh.args = self.args

@@ -318,7 +318,7 @@ class Registry:
         repo.requester = None
         repo.failures += 1
         repo.retry_at = monotonic + backoff(repo.failures, *self._backoff)
-        repo.last_error, repo.last_error_at = error, wall
+        repo.last_error, repo.last_error_at = error.replay(), wall
         repo.settled.set()
         self._notify(Event.BOOT_FAILED, repo, error)
 
@@ -345,7 +345,7 @@ class Registry:
         repo.deaths = [t for t in repo.deaths if monotonic - t <= window] + [monotonic]
         if repo.mounted_at is not None and monotonic - repo.mounted_at > window:
             repo.deaths = [monotonic]  # it served for a whole window: not a loop
-        repo.last_error, repo.last_error_at = error, wall
+        repo.last_error, repo.last_error_at = error.replay(), wall
         if crash_loop(repo.deaths, monotonic, window, burst):
             self.gone(repo, Event.CRASH_LOOP)
             repo.failures += 1
