@@ -26,9 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from .api import PROTOCOL_VERSION
+
 DEFAULT_CONFIG = Path("/etc/cvmfsd/cvmfsd.toml")  # = config.DEFAULT_CONFIG_PATH (tested)
 DEFAULT_SOCKET = Path("/run/cvmfsd/cvmfsd.sock")
-PROTOCOL_VERSION = 1
 MAX_REPLY = 64 * 1024 * 1024
 
 EXIT_OK = 0
