@@ -20,7 +20,9 @@ import threading
 import types
 from typing import Any
 
-_lock = threading.Lock()
+# Reentrant: importing one deferred module can use another (asyncio imports ssl) in the same
+# thread, under this lock.
+_lock = threading.RLock()
 
 
 class _Deferred(types.ModuleType):
