@@ -115,6 +115,7 @@ async def _adopt(rt: Runtime, plan: takeover.Plan) -> list[tuple[Repo, Tracked]]
             plan.stale.append(str(rt.cfg.root / found.path))
             continue
         rt.registry.adopted(repo, process, trio.current_time(), time.time())
+        repo.pin_config = found.pin_config
 
         def attach(found: takeover.Found = found) -> None:
             rt.registry.enter_own_thread()

@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import Daemon, Env, exited, mounts_under, reap
@@ -16,6 +17,9 @@ from cvmfs2_standin.kit import make_repo, root_hash
 from cvmfsd.core.names import InvalidName, NamePolicy, parse_snapshot
 
 REPO = "sw.cern.ch"
+
+
+CYCLES = 25
 
 
 def v(n: int) -> dict[str, bytes | str]:
@@ -128,11 +132,32 @@ def test_pinned_instance_expires_heals_and_survives_restart(versioned: Env, star
     assert versioned.boots().count(REPO) == 3
     assert second.stop() == 0
     assert mounts_under(d.root) == []
+    # The adopted instance's workspace went with it: the second daemon found it in its argv.
+    assert list((d.env.shared / "snapshots").iterdir()) == []
     deadline = time.monotonic() + 60
     while not exited(healed_pid):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     reap([pid, healed_pid])
+
+
+def test_pinned_instance_unmounted_and_looked_up_again_at_once(versioned: Env,
+                                                              daemon: Daemon) -> None:
+    """An unmount and the next lookup race: the unmount's cleanup of the old instance must
+    never take the new instance's pin (it would serve the live revision under the pin's name)."""
+    name = f"{REPO}@tag=v1"
+    path = snap(daemon, "tag=v1")
+    for _ in range(CYCLES):
+        assert (path / "VERSION").read_text() == "release 1\n"
+        with ThreadPoolExecutor(1) as pool:
+            umount = pool.submit(daemon.call, "umount", name=name)
+            while str(path) in mounts_under(daemon.root) and not umount.done():
+                pass
+            # Looked up again as soon as the mount is gone, while the unmount may still run.
+            assert (path / "VERSION").read_text() == "release 1\n"
+            assert umount.result()["ok"]
+    assert (path / "VERSION").read_text() == "release 1\n"
+    assert versioned.boots().count(REPO) == CYCLES + 1
 
 
 def test_root_hashes_with_an_algorithm_suffix(versioned: Env, start_daemon) -> None:  # type: ignore[no-untyped-def]
@@ -148,7 +173,7 @@ def test_root_hashes_with_an_algorithm_suffix(versioned: Env, start_daemon) -> N
     assert os.getxattr(snap(d, f"hash={hash1}-rmd160"), "user.root_hash").decode() == (
         f"{hash1}-rmd160")
     pins = sorted(p.read_text().splitlines()[0]
-                  for p in d.env.shared.glob("snapshots/*/pin.conf"))
+                  for p in d.env.shared.glob("snapshots/*/*/pin.conf"))
     assert pins == [f"CVMFS_ROOT_HASH={hash1}-rmd160", f"CVMFS_ROOT_HASH={hash2}-shake128"]
     for bad in (f"{hash1}-md5", f"{hash1}-RMD160", f"{hash1}-rmd160-rmd160", f"{hash1}rmd160",
                 f"{hash1[:-1]}-rmd160", f"{hash1}-", f"{hash1}-sha1"):

@@ -18,10 +18,12 @@ import trio
 
 from cvmfsd import config as config_mod
 from cvmfsd.config import Config, ConfigError
+from cvmfsd.core import backend
 from cvmfsd.core.children import Children
 from cvmfsd.core.fs import FOREVER, RootOperations
 from cvmfsd.core.lifecycle import Event, IllegalTransition, State, backoff, crash_loop, next_state
 from cvmfsd.core.mounter import Mounter
+from cvmfsd.core.names import Pin
 from cvmfsd.core.registry import ROOT_INODE, SNAPSHOTS_INODE, Registry
 
 # --- lifecycle -----------------------------------------------------------------------------
@@ -217,8 +219,6 @@ def test_snapshots_directory_is_hidden_and_validated() -> None:
 def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> None:
     """`config=` replaces cvmfs2's own hierarchy, so a pinned instance on a node without an
     explicit file list gets the node's files in cvmfs2's order, then its pin file."""
-    from cvmfsd.core import backend
-    from cvmfsd.core.names import Pin
 
     etc = tmp_path / "etc"
     for rel in ("default.conf", "default.d/50-site.conf", "default.d/10-a.conf", "default.local",
@@ -236,6 +236,28 @@ def test_pinned_instance_lists_the_node_hierarchy_explicitly(tmp_path: Path) -> 
         "domain.d/cern.ch.conf", "config.d/sft.cern.ch.local")] + [str(pin_file)]
     # Without a pin, the node hierarchy is cvmfs2's own business: no config= at all.
     assert "config=" not in backend.argv(cfg, "sft.cern.ch", 5, etc=etc)[2]
+    # A later daemon finds the file in the running instance's command line.
+    assert backend.pin_config_of(cfg, argv) == pin_file
+    assert backend.pin_config_of(cfg, backend.argv(cfg, "sft.cern.ch", 5, etc=etc)) is None
+
+
+def test_each_pinned_instance_has_a_workspace_of_its_own(tmp_path: Path) -> None:
+    """The last instance of a name may still be exiting, its workspace being removed, when the
+    next one boots: removing one never touches the other."""
+    cfg = Config(cvmfs2=Path("/usr/bin/cvmfs2"), snapshot_dir=tmp_path / "snap")
+    old, new = (backend.write_pin_config(cfg, "sft.cern.ch@tag=v1", Pin("tag", "v1"))
+                for _ in range(2))
+    assert old.parent != new.parent and old.parent.parent == new.parent.parent
+    backend.remove_pin_workspace(cfg, old)
+    assert not old.parent.exists() and "CVMFS_REPOSITORY_TAG=v1\n" in new.read_text()
+    backend.remove_pin_workspace(cfg, new)
+    assert list(cfg.snapshot_dir.iterdir()) == []
+    for outside in (tmp_path / "pin.conf", cfg.snapshot_dir / "pin.conf",
+                    cfg.snapshot_dir / "x" / ".." / ".." / "pin.conf",
+                    cfg.snapshot_dir / "x" / "other.conf"):
+        with pytest.raises(ValueError):
+            backend.remove_pin_workspace(cfg, outside)
+    assert tmp_path.exists() and cfg.snapshot_dir.exists()
 
 
 def test_boot_slots_try_acquire_takes_only_what_is_free() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -102,18 +103,23 @@ def write_pin_config(cfg: Config, name: str, pin: Pin,
                      credentials: Credentials | None = None) -> Path:
     """A pinned instance's own parameters: the pin, and a workspace (cache base, reload
     sockets) of its own, since two instances of a repository cannot share one (interface §8).
-    cvmfs2 creates neither directory itself, and writes both as the user it runs as. Blocking.
-    Values are validated names and pins: nothing here needs shell quoting."""
-    base = pin_workspace(cfg, name)
-    base.mkdir(mode=0o755, parents=True, exist_ok=True)
+    One per instance, not per name: the last instance of a name may still be exiting (and its
+    workspace being removed) when the next one boots. cvmfs2 creates neither directory itself,
+    and writes both as the user it runs as. Blocking. Values are validated names and pins:
+    nothing here needs shell quoting. Returns the file, which remove_pin_workspace takes."""
+    base = pin_workspace(cfg, name) / os.urandom(6).hex()
+    base.mkdir(mode=0o755, parents=True)
     for sub in ("cache", "reload"):
-        (base / sub).mkdir(mode=0o700, exist_ok=True)
+        (base / sub).mkdir(mode=0o700)
         if credentials is not None:
             os.chown(base / sub, credentials.uid, credentials.gid)
-    path = base / "pin.conf"
+    path = base / PIN_CONFIG
     path.write_text(f"{pin.parameter}={pin.value}\nCVMFS_CACHE_BASE={base / 'cache'}\n"
                     f"CVMFS_RELOAD_SOCKETS={base / 'reload'}\n")
     return path
+
+
+PIN_CONFIG = "pin.conf"
 
 
 def pin_workspace(cfg: Config, name: str) -> Path:
@@ -121,9 +127,29 @@ def pin_workspace(cfg: Config, name: str) -> Path:
     return cfg.snapshot_dir / hashlib.sha1(name.encode()).hexdigest()[:16]
 
 
-def remove_pin_workspace(cfg: Config, name: str) -> None:
-    """Blocking. Only ever a directory of the daemon's own under snapshot_dir."""
-    shutil.rmtree(pin_workspace(cfg, name), ignore_errors=True)
+def pin_config_of(cfg: Config, argv: list[str]) -> Path | None:
+    """The pin file in a running cvmfs2's command line (an instance booted by a previous
+    daemon), if it is one of ours."""
+    for arg in argv:
+        for option in arg.split(","):
+            if option.startswith("config="):
+                for file in map(Path, option[len("config="):].split(":")):
+                    if file.name == PIN_CONFIG and file.is_relative_to(cfg.snapshot_dir):
+                        return file
+    return None
+
+
+def remove_pin_workspace(cfg: Config, pin_config: Path) -> None:
+    """Blocking. Only ever a directory of the daemon's own under snapshot_dir: the instance's
+    workspace, then its name's directory once no other instance has one there."""
+    workspace = pin_config.parent
+    if pin_config.name != PIN_CONFIG or workspace == cfg.snapshot_dir or ".." in workspace.parts \
+            or not workspace.is_relative_to(cfg.snapshot_dir):
+        raise ValueError(f"not a pinned instance's workspace: {workspace}")
+    shutil.rmtree(workspace, ignore_errors=True)
+    if workspace.parent != cfg.snapshot_dir:
+        with contextlib.suppress(OSError):  # another instance of the name is running
+            workspace.parent.rmdir()
 
 
 @dataclass(frozen=True)
@@ -238,5 +264,19 @@ def talk(socket_path: Path, command: str, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode(errors="replace").strip()
 
 
-__all__ = ["Booted", "Credentials", "Launch", "MountError", "argv", "boot", "finish", "premount",
-           "serving_pid", "start", "talk", "write_pin_config"]
+__all__ = [
+    "Booted",
+    "Credentials",
+    "Launch",
+    "MountError",
+    "argv",
+    "boot",
+    "finish",
+    "pin_config_of",
+    "premount",
+    "remove_pin_workspace",
+    "serving_pid",
+    "start",
+    "talk",
+    "write_pin_config",
+]

@@ -373,13 +373,13 @@ class Mounter:
                     if isinstance(launch, MountError):
                         raise launch
                     if launch is None:
-                        pin_config = None
                         if repo.pin is not None:
-                            pin_config = await trio.to_thread.run_sync(
+                            await self._drop_pin_config(repo)  # the last instance's (it died)
+                            repo.pin_config = await trio.to_thread.run_sync(
                                 backend.write_pin_config, self.cfg, repo.name, repo.pin,
                                 self.credentials)
-                        await backend.boot(self.cfg, self.children, repo.fqrn, fd, pin_config,
-                                           self.credentials)
+                        await backend.boot(self.cfg, self.children, repo.fqrn, fd,
+                                           repo.pin_config, self.credentials)
                     else:
                         await backend.finish(self.cfg, self.children, launch)
                     process = await self._serving_process(repo, fd)
@@ -410,16 +410,23 @@ class Mounter:
             # Processes waiting in the connection may have spent their one ESTALE retry on the
             # way in: they get the name's own error.
             self._release(repo, self.registry.take_fuse_fd(repo), held, error.errno)
-            if repo.pin is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(backend.remove_pin_workspace, self.cfg,
-                                                  repo.name)
+            with trio.CancelScope(shield=True):
+                await self._drop_pin_config(repo)
             self._retry_for_copies(repo)
             return
         assert process is not None
         self.registry.booted(repo, process, trio.current_time(), time.time())
         self._log_attempt(repo, started, process.pid, None)
         self.watch(repo, process)
+
+    async def _drop_pin_config(self, repo: Repo) -> None:
+        """Remove the workspace of the name's last pinned instance. Taken off the name before
+        the first await: a boot of the name meanwhile writes a workspace of its own."""
+        pin_config, repo.pin_config = repo.pin_config, None
+        if pin_config is not None:
+            await trio.to_thread.run_sync(backend.remove_pin_workspace, self.cfg, pin_config)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _collect(self, launch: backend.Launch | MountError | None) -> None:
         """Kill and collect a launcher that _start_early began, when its mount is not used."""
@@ -628,8 +635,7 @@ class Mounter:
         fd = self.registry.take_fuse_fd(repo)
         if fd is not None:
             os.close(fd)
-        if repo.pin is not None:
-            await trio.to_thread.run_sync(backend.remove_pin_workspace, self.cfg, repo.name)
+        await self._drop_pin_config(repo)
         if process is not None:
             assert self._nursery is not None
             self._nursery.start_soon(process.stop, STOP_GRACE)

@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -75,6 +76,8 @@ class Repo:
     anchor: Any = None
     # Set while a failed boot's mount is being taken away, until the failure is recorded.
     leaving: trio.Event | None = None
+    # A pinned instance's parameters file, in its own workspace (backend.write_pin_config).
+    pin_config: Path | None = None
 
     def __post_init__(self) -> None:
         self.fqrn = self.fqrn or self.name

@@ -49,6 +49,7 @@ class Found:
     fqrn: str
     pin: Pin | None = None
     dev: tuple[int, int] = (0, 0)
+    pin_config: Path | None = None  # a pinned instance's, to remove its workspace in the end
 
     @property
     def path(self) -> str:
@@ -146,7 +147,11 @@ def _inspect(cfg: Config, path: str, entry: kernel.MountEntry) -> Found | None:
             raise OSError("serves another repository")
         pid = _in_time(lambda: backend.serving_pid(via_fd), INSPECT_TIMEOUT)
         os.kill(pid, 0)
-        return Found(name, fd, pid, fqrn, pin, entry.dev)
+        pin_config = None
+        if pin is not None:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            pin_config = backend.pin_config_of(cfg, argv.split("\0"))
+        return Found(name, fd, pid, fqrn, pin, entry.dev, pin_config)
     except (OSError, ValueError):
         os.close(fd)
         return None
