@@ -100,6 +100,10 @@ class Config:
     requester_mounts: int = key(0, "mounts one requester started that may be held (more: its "
                                 "lookups of new names fail with ENOSPC); 0 = a quarter of "
                                 "max_mounted")
+    requester_failed_boots: int = key(60, "failed boots one requester may cause per minute "
+                                      "(a burst of as many, then one every 60/n s); past it, "
+                                      "its lookups that would boot fail with EAGAIN; 0 = no "
+                                      "limit", restart=True)
     requester_waits: int = key(0, "requests of one requester waiting in the root (more: "
                                "EAGAIN); 0 = an eighth of fuse_max_tasks")
     max_pins_per_repository: int = key(8, "pinned snapshot instances one repository may have "
@@ -298,6 +302,7 @@ _BOUNDS: tuple[tuple[str, bool, float], ...] = (
     ("fuse_max_tasks", False, 8), ("max_names", False, 16),
     ("max_pins_per_repository", False, 1), ("requester_boots", False, 0),
     ("requester_mounts", False, 0), ("requester_waits", False, 0),
+    ("requester_failed_boots", False, 0),
 )
 
 

@@ -318,7 +318,8 @@ def test_requests_waiting_in_the_root_beyond_the_share_get_eagain(
     """What waits in the root (a request on a name whose mount is not attached yet) is shared
     out per requester. Names that fail at once keep the attacker's threads coming back to that
     window; with a share of 2 the others are refused with EAGAIN, logged at a bounded rate."""
-    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), requester_waits=2)
+    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), requester_waits=2,
+                      requester_failed_boots=0)  # every name boots: the window comes back
     threads = soak_size(ci=64, full=600)
     stop = env.shared / "stop-attack"
     attacker = kit.start(kit.THREADS, str(d.root / "n{}.fail.attack.org"), threads, stop)
@@ -355,7 +356,8 @@ def test_a_lookup_racing_a_failing_boot_never_sees_estale(
     """A name whose boot fails answers with its error (ENOENT here), whenever the lookup comes:
     never with ESTALE, the kernel's signal to walk again, which a process sees only when the
     walk again lands where it did."""
-    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")))
+    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")),
+                      requester_failed_boots=0)  # thousands of boots, each a chance to race
     stop = env.shared / "stop-attack"
     attacker = kit.start(kit.THREADS, str(d.root / "n{}.fail.attack.org"), 32, stop)
     try:
@@ -600,7 +602,10 @@ NAME_TABLE_RSS_BOUND = 40 * kit.MiB
 @pytest.mark.soak
 def test_name_table_stays_bounded(attack_daemon: Callable[..., Daemon], env: Env) -> None:
     max_names = 4096  # the default
-    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), requester_mounts=1)
+    # Without the failed-boot budget, which would refuse most of one requester's names: the
+    # table must stay bounded for many requesters too.
+    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), requester_mounts=1,
+                      requester_failed_boots=0)
     names = soak_size(ci=5000, full=40_000)
     before = kit.rss(d.pid)
     seen = kit.run(kit.STAT_NAMES, str(d.root / "n{}.fail.attack.org"), 0, names,
@@ -647,6 +652,42 @@ def test_name_table_stays_bounded(attack_daemon: Callable[..., Daemon], env: Env
     assert {r["name"] for r in results if r["ok"]} >= {"atlas.cern.ch", "lhcb.cern.ch"}
 
 
+def test_failed_boots_of_one_requester_are_budgeted(attack_daemon: Callable[..., Daemon],
+                                                   env: Env, pods: kit.Pods) -> None:
+    """A failed name keeps its backoff, but ever new names would each boot once: one
+    requester's failed boots are budgeted (requester_failed_boots per minute). Past it, its
+    lookups that would boot fail at once with EAGAIN: nothing boots, nothing is remembered,
+    a rate-limited line says why; other requesters keep their own budgets."""
+    budget = 10
+    d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")),
+                      requester_failed_boots=budget)
+    names = 40
+    seen = kit.run(kit.STAT_NAMES, str(d.root / "n{}.fail.attack.org"), 0, names)
+    booted = len(env.boots())
+    # One more boot if the run outlasted the budget's refill (one per 60/budget s).
+    assert budget <= booted <= budget + 1, seen
+    assert seen.get(errno.EAGAIN) == names - booted and set(seen) <= {
+        errno.ENOENT, errno.ESTALE, errno.EAGAIN}, seen
+    assert status(d)["repositories"]["total"] == booted  # the refused ones are not entries
+    refused = kit.wait_for(lambda: refusals(d, "uid 1001", errno.EAGAIN), 10, "no line")
+    assert "requester_failed_boots" in refused[0]["error"]
+    assert_rate_limited(refused, names - booted)
+    # Another uid and another pod of uid 1001: budgets of their own.
+    assert kit.run(kit.STAT_LOOP, d.path("other.fail.attack.org"), 1,
+                   uid=kit.OTHER_UID) == {errno.ENOENT: 1}
+    _, procs = pods.new()
+    assert kit.run(kit.STAT_LOOP, d.path("pod.fail.attack.org"), 1, pod=procs) == {
+        errno.ENOENT: 1}
+    serves(d, "atlas.cern.ch")
+    assert len(env.boots()) == booted + 3
+    # The budget refills: uid 1001 boots a new name again, one at a time.
+    tries = iter(range(1000))
+    kit.wait_for(lambda: kit.run(kit.STAT_LOOP, d.path(f"r{next(tries)}.fail.attack.org"),
+                                 1) == {errno.ENOENT: 1}, 60, "the budget never refilled",
+                 period=1.0)
+    assert len(env.boots()) == booted + 4
+
+
 # --- 6. backoff; pinned instances ---------------------------------------------------------------
 @pytest.mark.soak
 def test_failing_names_boot_once_over_rounds(attack_daemon: Callable[..., Daemon],
@@ -656,7 +697,7 @@ def test_failing_names_boot_once_over_rounds(attack_daemon: Callable[..., Daemon
     beyond the default max_names (4,096): 15,000 boots still (the full size is expected to
     fail, see test_failing_names_beyond_max_names_boot_once_over_rounds)."""
     d = attack_daemon(cvmfs2=str(fast_failing(env, "fail.attack.org")), backoff_initial=60.0,
-                      backoff_max=600.0, max_names=4096)
+                      backoff_max=600.0, max_names=4096, requester_failed_boots=0)
     names = soak_size(ci=200, full=5000)
     for _ in range(3):
         seen = kit.run(kit.STAT_NAMES, str(d.root / "n{}.fail.attack.org"), 0, names,

@@ -169,7 +169,8 @@ def test_per_repository_series_are_capped_busy_ones_first(start_daemon, env) -> 
     env.add_repo("zeta.cern.ch")
     env.add_repo("a.cern.ch")  # sorts before all the others
     d = start_daemon(metrics_listen="0", cvmfs2=str(fast), backoff_initial=300.0,
-                     backoff_max=300.0, max_mounted=0, expire_timeout=0)
+                     backoff_max=300.0, max_mounted=0, expire_timeout=0,
+                     requester_failed_boots=0)  # one requester fails 1,001 names
     port = port_of(d)
     assert (d.path("zeta.cern.ch") / "README").exists()
     assert (d.path("a.cern.ch") / "README").exists()

@@ -52,6 +52,29 @@ def test_backoff_and_crash_loop() -> None:
     assert not crash_loop([1.0, 2.0, 3.0, 100.0], now=100.0, window=60, burst=3)
 
 
+def test_failure_budget_bursts_then_refills() -> None:
+    from cvmfsd.core.requester import PRUNE_AT, FailureBudget, Requester
+    budget, a, b = FailureBudget(6), Requester(1001), Requester(1001, "pod-b")
+    for _ in range(6):
+        assert not budget.exhausted(a, 0.0)
+        budget.charge(a, 0.0)
+    assert budget.exhausted(a, 0.0) and not budget.exhausted(b, 0.0)  # b has its own
+    assert budget.exhausted(a, 9.9) and not budget.exhausted(a, 10.0)  # one per 60/6 s
+    budget.charge(a, 10.0)
+    assert budget.exhausted(a, 10.0) and not budget.exhausted(a, 60.0)
+    # Requesters whose debt has drained are dropped: memory follows the recent failures.
+    for uid in range(PRUNE_AT + 1):
+        budget.charge(Requester(uid), 100.0)
+    fresh = [Requester(uid) for uid in range(10_000, 10_000 + 2 * PRUNE_AT + 100)]
+    for who in fresh:
+        budget.charge(who, 1000.0)
+    assert len(budget) == len(fresh)  # every drained one was dropped, no fresh one
+    unlimited = FailureBudget(0)
+    for _ in range(100):
+        unlimited.charge(a, 0.0)
+    assert not unlimited.exhausted(a, 0.0) and len(unlimited) == 0
+
+
 def test_crash_loop_backoff_is_not_reset_by_a_successful_boot() -> None:
     reg = Registry(2.0, 300.0, restart_window=60.0, restart_burst=1)
     repo = reg.candidate("a.b")

@@ -82,6 +82,13 @@ class LimitReached(MountError):
     errno = errno.ENOSPC
 
 
+class TooManyFailures(MountError):
+    """The requester's boots failed too often lately: its lookups that would boot fail at once
+    until its budget refills (requester_failed_boots)."""
+
+    errno = errno.EAGAIN
+
+
 class WalkAgain(MountError):
     """The kernel is being told to forget the name: the walk is to start again (ESTALE)."""
 

@@ -42,11 +42,12 @@ from .errors import (
     LimitReached,
     MountError,
     ShuttingDown,
+    TooManyFailures,
     WalkAgain,
 )
 from .lifecycle import Event, State
 from .registry import ACTIVE, Registry, Repo
-from .requester import Requester
+from .requester import FailureBudget, Requester
 
 log = structlog.get_logger("cvmfsd.mounter")
 
@@ -67,6 +68,7 @@ class Mounter:
         self._invalidations = trio.CapacityLimiter(1)
         self._slots = BootSlots(cfg.max_concurrent_boots, max(1, cfg.max_concurrent_boots // 4))
         self._shares: dict[Requester, trio.CapacityLimiter] = {}  # per requester, while in use
+        self._failures = FailureBudget(cfg.requester_failed_boots)
         self._nursery: trio.Nursery | None = None
         self._boots: set[trio.CancelScope] = set()
         self._boots_idle = trio.Event()
@@ -199,6 +201,9 @@ class Mounter:
                                 "instances mounted already (max_pins_per_repository)")
         if requester is None:
             return None
+        if self._failures.exhausted(requester, trio.current_time()):
+            return TooManyFailures(f"{requester} had {cfg.requester_failed_boots} failed boots "
+                                   "within a minute (requester_failed_boots)")
         _, mounts, _ = cfg.requester_limits
         holding = self.registry.held_by(requester)
         if holding >= mounts:
@@ -403,6 +408,8 @@ class Mounter:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 # A replacement that reached copies elsewhere is anchored in turn, for the next.
                 held = await trio.to_thread.run_sync(self._detach, repo, anchored)
+            if isinstance(repo.requester, Requester) and not isinstance(error, ShuttingDown):
+                self._failures.charge(repo.requester, trio.current_time())
             self.registry.boot_failed(repo, error, trio.current_time(), time.time())
             repo.leaving = None
             leaving.set()

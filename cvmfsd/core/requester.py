@@ -50,4 +50,40 @@ def identify(uid: int, pid: int) -> Requester:
     return Requester(uid, pod_of(text))
 
 
-__all__ = ["Requester", "identify", "pod_of"]
+class FailureBudget:
+    """Failed boots one requester may cause: a burst of `per_minute`, then one every
+    60/per_minute s (a token bucket kept as a debt that drains over time). A failed name is
+    remembered with its backoff, but ever new names would each boot once: this bounds what
+    that costs the node (CPU for the boots, memory for the names). Pure: the caller passes
+    the clock. Kept only for requesters with a debt: memory follows the requesters that
+    failed lately, not what they asked."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._burst = float(per_minute)
+        self._drain = per_minute / 60.0
+        self._debts: dict[Requester, tuple[float, float]] = {}  # debt, as of (monotonic)
+        self._prune_at = PRUNE_AT
+
+    def _debt(self, who: Requester, now: float) -> float:
+        debt, at = self._debts.get(who, (0.0, now))
+        return max(0.0, debt - (now - at) * self._drain)
+
+    def exhausted(self, who: Requester, now: float) -> bool:
+        return bool(self._burst) and self._debt(who, now) + 1 > self._burst
+
+    def charge(self, who: Requester, now: float) -> None:
+        if not self._burst:
+            return
+        self._debts[who] = (self._debt(who, now) + 1, now)
+        if len(self._debts) > self._prune_at:  # drop the requesters whose debt has drained
+            self._debts = {w: (d, now) for w in list(self._debts)
+                           if (d := self._debt(w, now)) > 0}
+            self._prune_at = max(PRUNE_AT, 2 * len(self._debts))
+
+    def __len__(self) -> int:
+        return len(self._debts)
+
+
+PRUNE_AT = 256
+
+__all__ = ["FailureBudget", "Requester", "identify", "pod_of"]
