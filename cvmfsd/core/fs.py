@@ -247,8 +247,10 @@ class RootOperations(pyfuse3.Operations):
                     token, dot, self._dir_attrs(inode), offset):
                 return
         # The root lists live repositories only: users who never ask for a snapshot never
-        # see one. .snapshots lists the pinned instances that are mounted.
-        for repo in self.registry.mounted(pinned=fh == SNAPSHOTS_INODE):
+        # see one. .snapshots lists the pinned instances that are mounted. Both list a boot
+        # whose mount is in place: a read through it may be answered before the boot is
+        # recorded, and the name must not be missing from a listing after that read.
+        for repo in self.registry.listed(pinned=fh == SNAPSHOTS_INODE):
             if repo.inode <= start_id:
                 continue
             if not pyfuse3.readdir_reply(token, repo.name.encode(), self._entry(repo),

@@ -105,6 +105,9 @@ class Registry:
         # _by_name) and failed ones it forgot (only here, keeping their backoff).
         self._inactive: OrderedDict[str, Repo] = OrderedDict()
         self._mounted: dict[int, Repo] = {}
+        # What the root lists: mounted names, and booting ones whose mount is at their path
+        # already (a process may have read through it: it should see the name listed too).
+        self._listed: dict[int, Repo] = {}
         # Failed names out of the table: name -> (failures, retry at, errno, exit code,
         # message), least recently used first out.
         self._backoffs: OrderedDict[str, tuple[int, float, int, int | None, str]] = OrderedDict()
@@ -144,9 +147,11 @@ class Registry:
         self._counts[old] -= 1
         self._counts[new] += 1
         if new is State.MOUNTED:
-            self._mounted[repo.inode] = repo
+            self._mounted[repo.inode] = self._listed[repo.inode] = repo
         else:
             self._mounted.pop(repo.inode, None)
+            if new is not State.BOOTING:
+                self._listed.pop(repo.inode, None)
         if repo.pin is not None and (old in ACTIVE) != (new in ACTIVE):
             self._pins[repo.fqrn] = self._pins.get(repo.fqrn, 0) + (1 if new in ACTIVE else -1)
             if not self._pins[repo.fqrn]:
@@ -256,9 +261,12 @@ class Registry:
 
     def mounted(self, pinned: bool | None = None) -> list[Repo]:
         """Mounted repositories (pinned=False: live ones only, True: snapshots only)."""
-        return sorted((r for r in self._mounted.values()
-                       if pinned is None or (r.pin is not None) == pinned),
-                      key=lambda r: r.inode)
+        return _in_order(self._mounted, pinned)
+
+    def listed(self, pinned: bool) -> list[Repo]:
+        """What a listing shows: mounted repositories and those whose boot's mount is in
+        place (pinned as for mounted())."""
+        return _in_order(self._listed, pinned)
 
     def active(self) -> int:
         """Repositories that hold (or are about to hold) a mount."""
@@ -289,6 +297,7 @@ class Registry:
     def mount_attached(self, repo: Repo, fuse_fd: int, dev: tuple[int, int]) -> None:
         repo.fuse_fd, repo.dev = fuse_fd, dev
         repo.attached.set()
+        self._listed[repo.inode] = repo
 
     def take_fuse_fd(self, repo: Repo) -> int | None:
         """The daemon's copy of the descriptor, handed over to whoever closes it."""
@@ -369,3 +378,9 @@ class Registry:
     def leave_own_thread(self) -> None:
         with self._tid_lock:
             self._own_tids.discard(threading.get_native_id())
+
+
+def _in_order(repos: dict[int, Repo], pinned: bool | None) -> list[Repo]:
+    return sorted((r for r in repos.values() if pinned is None or (r.pin is not None) == pinned),
+                  key=lambda r: r.inode)
+
