@@ -383,4 +383,3 @@ class Registry:
 def _in_order(repos: dict[int, Repo], pinned: bool | None) -> list[Repo]:
     return sorted((r for r in repos.values() if pinned is None or (r.pin is not None) == pinned),
                   key=lambda r: r.inode)
-
