@@ -56,12 +56,14 @@ class _Writer:
         while True:
             data = self.lines.get()
             with self._lock:
-                self.size -= 1
                 dropped, self.dropped = self.dropped, 0
             if dropped:
                 data = (f'{{"event": "log_lines_dropped", "count": {dropped}, '
                         f'"level": "warning"}}\n').encode() + data
             self._write_all(data)
+            # Counted until written: wait_empty() before an exit must not lose the last line.
+            with self._lock:
+                self.size -= 1
 
     def _write_all(self, data: bytes) -> None:
         while data:

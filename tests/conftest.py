@@ -167,6 +167,17 @@ class Daemon:
             1 for r in self.mount_attempts(repo) if r["result"] == "mounted") >= count,
             timeout=timeout)
 
+    def logged_attempts(self, repo: str, count: int = 1,
+                        timeout: float = 30) -> list[dict[str, Any]]:
+        """Every logged mount attempt of repo, once at least `count` are there: a failed
+        attempt's line is queued before the caller is answered, and written a moment later."""
+        def enough() -> list[dict[str, Any]] | None:
+            attempts = self.mount_attempts(repo)
+            return attempts if len(attempts) >= count else None
+        result: list[dict[str, Any]] = self.wait_for(
+            f"{count} logged mount attempts of {repo}", enough, timeout=timeout)
+        return result
+
     def path(self, name: str) -> Path:
         return self.root / name
 

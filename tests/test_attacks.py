@@ -138,6 +138,7 @@ def test_one_requester_holds_at_most_its_share_of_mounts(attack_daemon: Callable
             neighbour.close()
     finally:
         attacker.close()
+    d.wait_mounted(*repos[0:3], *repos[4:8])  # a line follows the mount it describes
     assert sorted(e["repo"] for e in d.events("mount") if e["result"] == "mounted") == sorted(
         repos[0:3] + repos[4:8])
     assert sorted(env.boots()) == sorted(repos[0:3] + repos[4:8])  # a refusal starts nothing
@@ -146,9 +147,10 @@ def test_one_requester_holds_at_most_its_share_of_mounts(attack_daemon: Callable
 def test_slow_failing_boots_of_one_requester_do_not_hold_up_another(
         attack_daemon: Callable[..., Daemon], env: Env, pods: kit.Pods) -> None:
     slow = [f"slow{i}.attack.org" for i in range(8)]
+    gate = env.shared / "end-slow-boots"  # the boots last until the test is done
     for name in slow:  # not on the server either: they would fail anyway, only later
-        env.repo_config(name, CVMFS_STANDIN_BOOT_DELAY="60", CVMFS_STANDIN_FAIL="4")
-    d = attack_daemon(max_concurrent_boots=4, requester_boots=2, mount_timeout=90.0)
+        env.repo_config(name, CVMFS_STANDIN_BOOT_GATE=str(gate), CVMFS_STANDIN_FAIL="4")
+    d = attack_daemon(max_concurrent_boots=4, requester_boots=2, mount_timeout=120.0)
     stop = env.shared / "stop-attack"
     attacker = kit.start(kit.THREADS, str(d.root / "slow{}.attack.org"), len(slow), stop)
     try:
@@ -170,6 +172,7 @@ def test_slow_failing_boots_of_one_requester_do_not_hold_up_another(
         assert attacker.poll() is None
     finally:
         stop.touch()
+        gate.touch()
         attacker.kill()
         kit.finish(attacker, 60)
 
@@ -199,10 +202,11 @@ def test_two_pods_do_not_take_every_mount_slot(attack_daemon: Callable[..., Daem
 def test_two_pods_do_not_take_every_boot_slot(attack_daemon: Callable[..., Daemon], env: Env,
                                               pods: kit.Pods) -> None:
     slow = ["slow0.attack.org", "slow1.attack.org"]
+    gate = env.shared / "end-slow-boots"  # the boots last until the test is done
     for name in slow:
-        env.repo_config(name, CVMFS_STANDIN_BOOT_DELAY="10", CVMFS_STANDIN_FAIL="4")
+        env.repo_config(name, CVMFS_STANDIN_BOOT_GATE=str(gate), CVMFS_STANDIN_FAIL="4")
     # Two shared slots (one per requester) and one in reserve.
-    d = attack_daemon(max_concurrent_boots=2)
+    d = attack_daemon(max_concurrent_boots=2, mount_timeout=120.0)
     attackers = [kit.start(kit.FIRST_ACCESS, d.path(name), pod=pods.new()[1]) for name in slow]
     try:
         kit.wait_for(lambda: len(env.boots()) == 2, 30, "the pods' boots did not start")
@@ -211,6 +215,7 @@ def test_two_pods_do_not_take_every_boot_slot(attack_daemon: Callable[..., Daemo
         assert not d.mount_attempts("slow0.attack.org") + d.mount_attempts("slow1.attack.org"), \
             "the first access waited for the pods' slow boots to end"
     finally:
+        gate.touch()
         for a in attackers:
             a.kill()
             kit.finish(a, 60)
@@ -847,7 +852,8 @@ def test_a_hung_backend_is_reported_killed_and_healed(attack_daemon: Callable[..
         reader = kit.start(kit.FIRST_ACCESS, d.path(hung) / "data" / "blob.bin")
         # ...until backend_hung_timeout: killed, healed, and the reader is served by the new one.
         kit.wait_for(stopped.gone, 60, "the hung backend was not killed")
-        assert [e for e in d.events("backend_hung") if e["repo"] == hung]
+        kit.wait_for(lambda: [e for e in d.events("backend_hung") if e["repo"] == hung], 10,
+                     "the hung backend's kill was not logged")
         out, err = kit.finish(reader, 60)
         assert kit.decode(out.strip())["errno"] == 0, (out, err)
         kit.wait_for(lambda: serving_pid(d, hung) != stopped.process.pid, 30,
@@ -868,10 +874,12 @@ def test_a_hung_backend_is_reported_killed_and_healed(attack_daemon: Callable[..
 def test_boots_of_a_killed_daemon_are_stopped_by_the_next(attack_daemon: Callable[..., Daemon],
                                                           env: Env) -> None:
     names = [f"k{i}.attack.org" for i in range(soak_size(ci=12, full=20))]
+    gate = env.shared / "open-boots"
     for name in names:
         env.add_repo(name)
-        env.repo_config(name, CVMFS_STANDIN_BOOT_DELAY="8")
-    config = {"max_concurrent_boots": 32, "requester_boots": 32, "mount_timeout": 30.0}
+        # Held until the first daemon is gone: none of its boots may finish and be adopted.
+        env.repo_config(name, CVMFS_STANDIN_BOOT_GATE=str(gate))
+    config = {"max_concurrent_boots": 32, "requester_boots": 32, "mount_timeout": 60.0}
     first = attack_daemon(**config)
     waiting = [kit.start(kit.FIRST_ACCESS, first.path(n) / "README") for n in names]
     try:
@@ -894,6 +902,7 @@ def test_boots_of_a_killed_daemon_are_stopped_by_the_next(attack_daemon: Callabl
             with contextlib.suppress(psutil.NoSuchProcess):
                 p = psutil.Process(pid)
                 assert p.create_time() != created or p.status() == psutil.STATUS_ZOMBIE
+        gate.touch()
         # ...so no workspace stays locked: every name mounts (a held lock: EIO at mount_timeout).
         accesses = [kit.start(kit.FIRST_ACCESS, second.path(n) / "README") for n in names]
         waiting += accesses
@@ -905,6 +914,7 @@ def test_boots_of_a_killed_daemon_are_stopped_by_the_next(attack_daemon: Callabl
             if w.poll() is None:
                 w.kill()
             w.communicate()
+        gate.touch()
 
 
 def test_meaningless_signals_are_ignored(attack_daemon: Callable[..., Daemon]) -> None:

@@ -320,7 +320,8 @@ def test_root_only_by_default(start_daemon, public_dir: Path) -> None:  # type: 
     os.chmod(sock, 0o666)
     reply = as_user(sock, NOBODY.pw_gid, [])
     assert reply["ok"] is False and reply["error"]["code"] == "permission_denied"
-    assert d.events("control_refused")[0]["peer_uid"] == NOBODY.pw_uid
+    refused = d.wait_for("the refusal logged", lambda: d.events("control_refused"))
+    assert refused[0]["peer_uid"] == NOBODY.pw_uid
     assert ok(call_path(sock, "status"))["pid"] == d.pid  # root still can
 
 

@@ -187,6 +187,7 @@ def test_list_no_details(start_daemon) -> None:  # type: ignore[no-untyped-def]
     cache stay unknown); the default asks them."""
     d = start_daemon()
     assert (d.path("alice.cern.ch") / "README").exists()
+    d.wait_mounted("alice.cern.ch")  # the registry says mounted once the mount is recorded
     pid = int(os.getxattr(d.path("alice.cern.ch"), "user.pid"))
     full, = as_json(cvmfsctl(d, "--json", "list"))["repositories"]
     assert full["details_known"] is True and full["revision"] == 1

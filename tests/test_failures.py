@@ -39,7 +39,7 @@ def test_failing_boot(start_daemon, name: str, knobs: dict[str, str] | None, cod
     assert seen == {expected_errno: 100}
     # 100 lookups within the backoff: exactly one boot.
     assert d.env.boots().count(name) == 1
-    attempts = d.mount_attempts(name)
+    attempts = d.logged_attempts(name)
     assert len(attempts) == 1
     assert attempts[0]["exit_code"] == code
     assert f"({code} - " in attempts[0]["stderr_tail"]
@@ -57,7 +57,7 @@ def test_boot_that_hangs_is_killed_at_the_timeout(start_daemon) -> None:  # type
     seen = _lookups(d, "hang.cern.ch", 100)
     assert seen == {errno.EIO: 100}
     assert d.env.boots().count("hang.cern.ch") == 1
-    attempt, = d.mount_attempts("hang.cern.ch")
+    attempt, = d.logged_attempts("hang.cern.ch")
     assert "did not finish booting within 2 s" in attempt["error"]
     # The hung launcher was killed with its session: nothing of it is left.
     launcher_pid = int(d.env.boots_log.read_text().split()[0])
@@ -70,7 +70,7 @@ def test_failed_repository_retries_after_backoff(start_daemon) -> None:  # type:
     d = start_daemon(backoff_initial=1.0, backoff_max=300.0)
     with pytest.raises(FileNotFoundError):
         os.stat(d.path("later.cern.ch"))
-    first, = d.mount_attempts("later.cern.ch")
+    first, = d.logged_attempts("later.cern.ch")
     assert first["exit_code"] == 16 and first["retry_in_s"] == 1.0
     d.env.add_repo("later.cern.ch")  # the repository appears on the server
 

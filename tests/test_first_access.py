@@ -70,9 +70,10 @@ def test_a_booting_repository_is_listed_once_its_mount_is_in_place(env: Env,
                                                                    start_daemon) -> None:  # type: ignore[no-untyped-def]
     """A first read can be answered (by cvmfs2, in the kernel) before the daemon records the
     boot: the name is listed from the moment its mount is at its path, not from that record."""
+    gate = env.shared / "open-slow"  # the boot lasts until the test opens it
     env.add_repo("slow.cern.ch")
-    env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_DELAY="3")
-    d = start_daemon()
+    env.repo_config("slow.cern.ch", CVMFS_STANDIN_BOOT_GATE=str(gate))
+    d = start_daemon(mount_timeout=120.0)
     path = d.path("slow.cern.ch")
     reader = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1]).read()",
                                str(path / "README")])
@@ -81,6 +82,7 @@ def test_a_booting_repository_is_listed_once_its_mount_is_in_place(env: Env,
         assert d.call("list")["result"]["repositories"][0]["state"] == "booting"
         assert os.listdir(d.root) == ["slow.cern.ch"]
     finally:
+        gate.touch()
         assert reader.wait(timeout=60) == 0
     d.wait_mounted("slow.cern.ch")
     assert os.listdir(d.root) == ["slow.cern.ch"]

@@ -62,7 +62,7 @@ def test_bad_tag_is_a_clear_error_without_retry_storm(versioned: Env, start_daem
         with pytest.raises(FileNotFoundError):
             os.stat(snap(d, "tag=nope"))
     assert versioned.boots().count(REPO) == 1
-    attempt, = d.mount_attempts(f"{REPO}@tag=nope")
+    attempt, = d.logged_attempts(f"{REPO}@tag=nope")
     assert attempt["exit_code"] == 22
     assert "(22 - " in attempt["stderr_tail"]
 

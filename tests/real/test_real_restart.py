@@ -45,6 +45,7 @@ def test_every_restart_path_without_a_failed_read(start_daemon, env) -> None:  #
         # A repository nobody used before the restarts mounts through the last daemon.
         fresh = "delta.real.test"
         assert (d.path(fresh) / "README").read_text() == revision_files(fresh, "v2")["README"]
+        d.wait_mounted(fresh)  # logged after cvmfs2 serves
     finally:
         results = readers.stop()
     failures = sum(r["failures"] for r in results)

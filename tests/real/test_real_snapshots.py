@@ -40,6 +40,7 @@ def test_pinned_tag_hash_and_date(daemon: Daemon) -> None:
                                   for p in pins}
     assert len(pids) == 1 + len(pins)
     assert os.listdir(daemon.root) == [REPO]
+    daemon.wait_mounted(REPO, *(f"{REPO}@{p}" for p in pins))  # logged after cvmfs2 serves
     attempts = daemon.mount_attempts()
     assert sorted(a["repo"] for a in attempts) == sorted(
         [REPO, *(f"{REPO}@{p}" for p in pins)])
@@ -61,7 +62,7 @@ def test_pins_the_history_does_not_have(start_daemon) -> None:  # type: ignore[n
             with pytest.raises(OSError) as exc:
                 os.stat(d.root / ".snapshots" / name / "README")
             assert exc.value.errno == errno.ENOENT, pin
-        attempt, = d.mount_attempts(name)
+        attempt, = d.logged_attempts(name)
         assert attempt["exit_code"] == code, attempt
         assert message in attempt["stderr_tail"], attempt
     # The live repository is not affected.

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,6 +180,28 @@ class Node:
                 if isinstance(record, dict) and record.get("event") == name:
                     out.append(record)
         return out
+
+    # journald takes in systemd's messages and the unit's output on its own schedule: a verb
+    # returning does not mean what it caused is in the journal yet. These wait for it.
+    def wait_events(self, name: str, after: str | None = None,
+                    count: int = 1) -> list[dict[str, Any]]:
+        """The daemon's lines with this event name, once at least `count` are there."""
+        def enough() -> list[dict[str, Any]] | None:
+            found = self.events(name, after)
+            return found if len(found) >= count else None
+        return wait_for(f"{count} '{name}' lines in the journal", enough)
+
+    def wait_said(self, after: str | None, *texts: str, any_of: Sequence[str] = ()) -> str:
+        """The unit's journal as one text, once it holds every text and one of any_of."""
+        def said() -> str | None:
+            text = "\n".join(self.messages(after))
+            if all(t in text for t in texts) and (not any_of or any(t in text for t in any_of)):
+                return text
+            return None
+        return wait_for(f"the journal to say {[*texts, *any_of]}", said)
+
+    def wait_notified(self, field: str, after: str) -> list[str]:
+        return wait_for(f"systemd's log of {field}", lambda: self.notified(field, after))
 
     @contextlib.contextmanager
     def debug_log(self) -> Iterator[None]:

@@ -142,7 +142,7 @@ def test_start_is_ready_only_once_the_root_answers(service: Node) -> None:
 
     # One JSON line per mount in the unit's journal; the serving cvmfs2 is in the unit's cgroup.
     serving = one_cvmfs2_each(node)
-    mounts = {e["repo"]: e for e in node.events("mount")}
+    mounts = {e["repo"]: e for e in node.wait_events("mount", count=2)}
     for repo in ("atlas.cern.ch", CONFIG_REPO):
         line = mounts[repo]
         assert line["result"] == "mounted" and line["exit_code"] == 0, line
@@ -161,8 +161,7 @@ def test_an_invalid_configuration_fails_the_start_and_is_not_restarted(service: 
     state = node.show("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
     assert (state["ActiveState"], state["SubState"], state["Result"], state["ExecMainStatus"]) \
         == ("failed", "failed", "exit-code", "2"), state
-    said = "\n".join(node.messages(cursor))
-    assert "mount_timeout" in said, said
+    node.wait_said(cursor, "mount_timeout")
     assert node.mounts() == [] and node.cvmfs2() == {}
 
 
@@ -180,7 +179,7 @@ def test_reload_applies_the_allow_list_and_refuses_an_invalid_file(service: Node
         allow='["atlas.cern.ch", "alice.cern.ch", "cvmfs-config.cern.ch"]'))
     cursor = node.cursor()
     node.systemctl("reload", UNIT)
-    assert node.events("reloaded", after=cursor)[0]["changed"] == ["allow"]
+    assert node.wait_events("reloaded", after=cursor)[0]["changed"] == ["allow"]
     boots = len(node.boots())
     denied = node.read(f"{ROOT}/cms.cern.ch/README")
     assert denied.returncode != 0 and "No such file or directory" in denied.stderr
@@ -194,9 +193,8 @@ def test_reload_applies_the_allow_list_and_refuses_an_invalid_file(service: Node
     failed = node.systemctl("reload", UNIT, check=False)
     assert failed.returncode != 0
     assert "cvmfsd.service" in failed.stderr and "failed" in failed.stderr, failed.stderr
-    said = "\n".join(node.messages(cursor))
-    assert "mount_timeout" in said and "nothing was changed" in said, said
-    assert "Reload failed" in said or "Control process exited" in said, said
+    node.wait_said(cursor, "mount_timeout", "nothing was changed",
+                   any_of=("Reload failed", "Control process exited"))
     after = node.show("ActiveState", "SubState", "MainPID")
     assert (after["ActiveState"], after["SubState"], int(after["MainPID"])) == \
         ("active", "running", main)
@@ -233,13 +231,11 @@ def test_restart_hands_over_with_readers_running(service: Node) -> None:
     # the same cvmfs2 processes, adopted, not one booted again
     assert one_cvmfs2_each(node) == before
     assert len(node.boots()) == boots
-    ready = node.events("ready", after=cursor)
+    ready = node.wait_events("ready", after=cursor)
     assert [r["adopted"] for r in ready] == [len(before)], ready
     assert sorted(e["repo"] for e in node.events("adopted", after=cursor)) == sorted(before)
     # KillMode=process: systemd signalled only the daemon, and says so about the rest
-    said = "\n".join(node.messages(cursor))
-    for pid in before.values():
-        assert f"Found left-over process {pid} (python" in said, said
+    node.wait_said(cursor, *(f"Found left-over process {pid} (python" for pid in before.values()))
 
 
 def test_reexec_in_place_keeps_the_main_pid(service: Node) -> None:
@@ -262,14 +258,14 @@ def test_reexec_in_place_keeps_the_main_pid(service: Node) -> None:
         wait_for("the re-executed daemon's READY=1", lambda: node.notified("READY=1", cursor))
     node.readers_advance()
     results = node.stop_readers()
-    said = "\n".join(node.messages(cursor))
+    said = node.wait_said(cursor, "Changed running -> reload", "Changed reload -> running")
     assert [f"from PID {main} " in m for m in node.notified("RELOADING=1", cursor)] == [True]
     assert [f"from PID {main} " in m for m in node.notified("READY=1", cursor)] == [True]
     assert said.index("Changed running -> reload") < said.index("Changed reload -> running")
     now = node.show("ActiveState", "SubState", "MainPID", "NRestarts")
     assert (now["ActiveState"], now["SubState"], int(now["MainPID"])) == \
         ("active", "running", main)
-    assert [r["adopted"] for r in node.events("ready", after=cursor)] == [len(before)]
+    assert [r["adopted"] for r in node.wait_events("ready", after=cursor)] == [len(before)]
     assert results[0]["failures"] == 0, results[0]["errors"]
     assert one_cvmfs2_each(node) == before
     assert len(node.boots()) == boots
@@ -309,17 +305,17 @@ def test_watchdog_restarts_a_wedged_daemon_and_repositories_survive(service: Nod
                 and (now["ActiveState"], now["SubState"]) == ("active", "running"))
 
     wait_for("systemd's watchdog to restart cvmfsd", restarted, timeout=120)
-    said = "\n".join(node.messages(cursor))
-    assert f"Watchdog timeout (limit {WATCHDOG_SEC}s)!" in said, said
-    assert f"Killing process {wedged} (cvmfsd) with signal SIGABRT" in said, said
-    assert "Fatal Python error: Aborted" in said, said  # PYTHONFAULTHANDLER's tracebacks
-    assert "Failed with result 'watchdog'" in said, said
+    node.wait_said(cursor, f"Watchdog timeout (limit {WATCHDOG_SEC}s)!",
+                   f"Killing process {wedged} (cvmfsd) with signal SIGABRT",
+                   "Fatal Python error: Aborted",  # PYTHONFAULTHANDLER's tracebacks
+                   "Failed with result 'watchdog'")
     node.readers_advance()
     results = node.stop_readers()
     assert results[0]["failures"] == 0, results[0]["errors"]
     assert one_cvmfs2_each(node) == before
     assert len(node.boots()) == boots
-    assert sorted(e["repo"] for e in node.events("adopted", after=cursor)) == sorted(before)
+    adopted = node.wait_events("adopted", after=cursor, count=len(before))
+    assert sorted(e["repo"] for e in adopted) == sorted(before)
     mount_all(node, ["alice.cern.ch"])  # and the new daemon serves new names
 
 
@@ -337,7 +333,7 @@ def test_stop_in_handover_mode_keeps_repositories_served(service: Node) -> None:
     with node.debug_log():
         node.systemctl("stop", UNIT)
     assert node.show("ActiveState")["ActiveState"] == "inactive"
-    stopping = node.notified("STOPPING=1", cursor)
+    stopping = node.wait_notified("STOPPING=1", cursor)
     assert len(stopping) == 1 and "2 repositories stay mounted for the next cvmfsd" in \
         stopping[0], stopping
     mount_all(node, ["atlas.cern.ch"])
@@ -362,14 +358,14 @@ def test_stop_in_unmount_mode_leaves_no_mount_and_no_cvmfs2(service: Node) -> No
     cursor = node.cursor()
     with node.debug_log():
         node.systemctl("stop", UNIT)
-    stopping = node.notified("STOPPING=1", cursor)
+    stopping = node.wait_notified("STOPPING=1", cursor)
     assert len(stopping) == 1 and "Stopping: unmounting 3 repositories" in stopping[0], stopping
     state = node.show("ActiveState", "Result")
     assert (state["ActiveState"], state["Result"]) == ("inactive", "success")
     assert node.mounts() == []
     assert node.cvmfs2() == {}
     assert node.unit_pids() == set()
-    stopped = node.events("stopped", after=cursor)
+    stopped = node.wait_events("stopped", after=cursor)
     assert [e["mode"] for e in stopped] == ["unmount"], stopped
 
 
