@@ -85,13 +85,16 @@ def unmount_tree(path: Path | str) -> None:
         raise RuntimeError(f"mounts left under {path}: {mounts_at_or_under(path)}")
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+def wait_for(predicate: Callable[[], object], timeout: float = 30,
+             what: str | Callable[[], str] = "") -> None:
     """Poll until predicate() is true (events, not durations, decide; the timeout only bounds a
-    failing test)."""
+    failing test). what: says what was awaited; a callable is asked at the timeout (for what
+    was seen last)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or predicate}")
+            said = what() if callable(what) else what
+            raise TimeoutError(f"timed out waiting for {said or predicate}")
         time.sleep(0.01)
 
 
