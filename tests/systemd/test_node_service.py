@@ -255,7 +255,7 @@ def test_reexec_in_place_keeps_the_main_pid(service: Node) -> None:
     cursor = node.cursor()
     with node.debug_log():
         node.systemctl("kill", "--kill-whom=main", "--signal=USR2", UNIT)
-        wait_for("the re-executed daemon's READY=1", lambda: node.notified("READY=1", cursor))
+        node.wait_notified("READY=1", cursor)  # the re-executed daemon's
     node.readers_advance()
     results = node.stop_readers()
     said = node.wait_said(cursor, "Changed running -> reload", "Changed reload -> running")
