@@ -47,12 +47,18 @@ class RuntimePod(LineChild):
 
 
 def subpath_bind(kubelet_dir: Path, target: Path, sub: str, index: int = 0) -> Path:
-    """kubelet's bind for a `subPath:` of the volume at target: it opens the path inside the
-    volume and binds /proc/self/fd/N (not following symlinks) onto
-    pods/<uid>/volume-subpaths/<volume>/<container>/<index>."""
+    """kubelet's bind for a `subPath:` of the volume at target: it stats the path (makeMounts'
+    PathExists, to create it when missing), opens it inside the volume and binds
+    /proc/self/fd/N (not following symlinks) onto
+    pods/<uid>/volume-subpaths/<volume>/<container>/<index>.
+
+    The stat is what makes a repository not yet mounted be mounted first: an O_PATH open alone
+    sends only a LOOKUP, which never waits (DESIGN.md §1), and would bind the name's own
+    directory in the root, which has nothing in it until the mount arrives by propagation."""
     uid, volume = target.parts[-5], target.parts[-2]
     dest = kubelet_dir / "pods" / uid / "volume-subpaths" / volume / "main" / str(index)
     dest.mkdir(parents=True)
+    os.stat(target / sub)
     fd = os.open(target / sub, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         mounts.mount(f"/proc/self/fd/{fd}", str(dest), None, mounts.MS_BIND)
