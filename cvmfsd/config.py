@@ -112,13 +112,6 @@ class Config:
                              "restart_window is backed off instead of healed", restart=True)
     restart_window: float = key(60.0, "seconds over which backend deaths are counted",
                                 restart=True)
-    # DESIGN.md §5: a FUSE request the daemon has read is unkillable for the caller, so every
-    # wait in a handler is bounded.
-    attach_wait: float = key(0.0, "seconds a request in the root waits for a name's mount to "
-                             "be put in place, or an unmount to finish; 0 = mount_timeout + 5",
-                             doc="The mount is in place before cvmfs2 starts: from then on a "
-                                 "request waits in the kernel for cvmfs2, until the boot ends "
-                                 "(at most mount_timeout).")
     expire_timeout: float = key(
         300.0, "unmount a repository nobody opened anything in for this many seconds; 0 = "
         "never", section="Idle expiry and upkeep",
@@ -190,7 +183,11 @@ class Config:
 
     @property
     def handler_wait(self) -> float:
-        return self.attach_wait or self.mount_timeout + 5.0
+        """The bound of every wait in a handler of the root (a FUSE request the daemon has read
+        is unkillable for the caller): for a name's mount to be put in place, a failed one to
+        be taken away, an unmount or a forget to finish. Each lasts about a millisecond; the
+        boot itself is waited for in the kernel, bounded by mount_timeout."""
+        return self.mount_timeout + 5.0
 
     @property
     def control_socket_path(self) -> Path:
@@ -295,7 +292,7 @@ def _path(name: str, value: Any) -> Path:
 
 # Lower bounds of numeric keys: (key, strictly greater, bound).
 _BOUNDS: tuple[tuple[str, bool, float], ...] = (
-    ("mount_timeout", True, 0), ("attach_wait", False, 0), ("max_concurrent_boots", False, 1),
+    ("mount_timeout", True, 0), ("max_concurrent_boots", False, 1),
     ("expire_timeout", False, 0), ("expire_min_age", False, 0.2),
     ("reconcile_interval", True, 0), ("backend_hung_timeout", True, 0),
     ("restart_window", True, 0), ("max_mounted", False, 0), ("restart_burst", False, 1),
@@ -409,6 +406,13 @@ def _admin_problems(cfg: Config) -> list[str]:
     return problems
 
 
+# Keys that existed once: why they are gone, for the error that names them.
+RETIRED = {
+    "attach_wait": "removed: what it bounded lasts about a millisecond; such a request "
+                   "now waits at most mount_timeout + 5 s; delete the line",
+}
+
+
 def coerce(values: dict[str, Any]) -> dict[str, Any]:
     """Each value as its key's type; ConfigError (naming the key) for an unknown key or a value
     of the wrong type. No checks across keys: that is build()'s."""
@@ -417,7 +421,10 @@ def coerce(values: dict[str, Any]) -> dict[str, Any]:
         hints = []
         for name in unknown:
             close = difflib.get_close_matches(name, BY_NAME, n=1)
-            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            if name in RETIRED:
+                hints.append(f"{name} ({RETIRED[name]})")
+            else:
+                hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
         raise ConfigError(f"unknown configuration keys: {', '.join(hints)}")
     return {k: _coerce(BY_NAME[k], v) for k, v in values.items()}
 

@@ -232,7 +232,7 @@ def toml_config(env: Env, **overrides: Any) -> str:
         "max_concurrent_boots": 8, "max_mounted": 1000, "backoff_initial": 2.0,
         "backoff_max": 300.0, "restart_burst": 10, "restart_window": 60.0,
         "expire_timeout": 300.0, "expire_min_age": 10.0, "reconcile_interval": 10.0,
-        "attach_wait": 0.0, "fuse_max_tasks": 512,
+        "fuse_max_tasks": 512,
     }
     values.update(overrides)
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n"

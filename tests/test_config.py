@@ -157,6 +157,8 @@ def test_a_wrong_type_names_its_key(key: config.Key) -> None:
     ({"probe_repositories": ["nodot"]}, "probe_repositories entry 'nodot'"),
     ({"contol_socket": "/x"}, "unknown configuration keys: contol_socket (did you mean "
                               "control_socket?)"),
+    ({"attach_wait": 1.0}, "attach_wait (removed: what it bounded lasts about a millisecond; "
+                           "such a request now waits at most mount_timeout + 5 s"),
     ({"log_level": "loud"}, "log_level: must be one of debug, info, warning, error"),
     ({"expire_min_age": 0.1}, "expire_min_age must be >= 0.2"),
     ({"max_mounted": -1}, "max_mounted must be >= 0"),
