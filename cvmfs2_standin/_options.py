@@ -26,6 +26,7 @@ KNOBS = (
     "CVMFS_STANDIN_FAIL",
     "CVMFS_STANDIN_HANG",
     "CVMFS_STANDIN_CRASH_AFTER",
+    "CVMFS_STANDIN_DIE_AT_START",
 )
 # Like cvmfs' RepositorySanitizer: what may name a config repository.
 _REPO_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

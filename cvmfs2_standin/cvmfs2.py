@@ -302,8 +302,9 @@ def fuse_fds() -> set[int]:
     return found
 
 
-def daemonize(keep: set[int]) -> None:
-    """Double fork + setsid, stdio to /dev/null, every other inherited fd closed."""
+def daemonize(keep: set[int], die: bool = False) -> None:
+    """Double fork + setsid, stdio to /dev/null, every other inherited fd closed. die: the
+    process that would serve aborts instead, before the launcher exits (a PANIC at start)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -311,6 +312,9 @@ def daemonize(keep: set[int]) -> None:
         # The launcher: reap the intermediate child, then report success.
         os.waitpid(pid, 0)
         os._exit(0)
+    if die:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.abort()
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -473,6 +477,18 @@ def _fault_knobs(opts: Options) -> None:
     if opts.is_on("CVMFS_STANDIN_HANG"):
         while True:
             time.sleep(3600)
+
+
+def _dies_at_start(opts: Options) -> bool:
+    """CVMFS_STANDIN_DIE_AT_START=<path>: once per creation of <path> (it is removed)."""
+    marker = opts.get("CVMFS_STANDIN_DIE_AT_START")
+    if not marker:
+        return False
+    try:
+        os.unlink(marker)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def boot(cmd: CmdLine, opts: Options) -> Booted:
@@ -745,7 +761,8 @@ def main(argv: list[str]) -> int:
 
     _serve.remember_early_signals()
     if not cmd.foreground:
-        daemonize(fuse_fd | {booted.talk_sock.fileno(), loader_sock.fileno(), booted.lock_fd})
+        daemonize(fuse_fd | {booted.talk_sock.fileno(), loader_sock.fileno(), booted.lock_fd},
+                  die=_dies_at_start(opts))
     server.pid = os.getpid()
     return _serve.serve(server)
 

@@ -106,6 +106,35 @@ def test_kill_serving_process_100_times(start_daemon) -> None:  # type: ignore[n
           f"max {max(heal_times)*1000:.0f} ms")
 
 
+def test_backend_that_dies_before_it_is_named_is_healed(daemon: Daemon) -> None:
+    """A cvmfs2 that aborts right after its boot, before its launcher exits 0 (so before the
+    daemon can find it among its children): a death like any other, healed at once, the next
+    access served by the next boot; not a failed boot after backend_call_timeout (10 s), EIO
+    and a backoff. The first access itself gets ESTALE where its walk spent the VFS's one
+    retry on the way in (it reached the name before the mount was in place), as on any death
+    during a first access."""
+    d, repo = daemon, "panic.cern.ch"
+    d.env.add_repo(repo)
+    once = d.env.tmp / "die-once"
+    d.env.repo_config(repo, CVMFS_STANDIN_DIE_AT_START=str(once))
+    once.touch()
+    try:
+        assert (d.path(repo) / "README").read_text() == DEMO_FILES["README"]
+    except OSError as exc:
+        assert exc.errno == errno.ESTALE, exc
+    assert not once.exists()  # the first boot did die
+    assert (d.path(repo) / "README").read_text() == DEMO_FILES["README"]
+    first, second = d.logged_attempts(repo, 2)[:2]
+    assert (first["result"], first["serving_pid"]) == ("mounted", None), first
+    assert second["result"] == "mounted" and second["serving_pid"] > 0, second
+    healed = [e for e in d.events("healed") if e["repo"] == repo]
+    assert [(e["reason"], e["state"]) for e in healed] == [
+        ("serving process exited before it was identified", "idle")]
+    assert d.env.boots().count(repo) == 2
+    [listed] = d.call("list", names=[repo])["result"]["repositories"]
+    assert (listed["state"], listed["serving_pid"]) == ("mounted", second["serving_pid"])
+
+
 def test_backend_that_crashes_on_every_boot_is_backed_off(start_daemon) -> None:  # type: ignore[no-untyped-def]
     # A window and a backoff far longer than the test: the count below is exact.
     d = start_daemon(restart_burst=3, restart_window=600.0, backoff_initial=300.0,
@@ -121,9 +150,7 @@ def test_backend_that_crashes_on_every_boot_is_backed_off(start_daemon) -> None:
     os.stat(d.path(repo))  # the first access: a request or two, below the crash
     for death in range(1, 5):
         # Each boot (the first by the access, the next ones by the heal itself) is let alone
-        # until the daemon knows its serving process: one that dies before the daemon has
-        # found it among its children is a failed boot (after backend_call_timeout), not a
-        # death to heal.
+        # until the daemon logged it: the requests counted below are then this boot's.
         d.wait_mounts(repo, death)
         # Requests on one open handle until the backend panics: an error on a handle is not
         # retried on the next mount (a path's would be, racing with that mount's start).

@@ -197,8 +197,17 @@ class Tracked:
     def open(cls, pid: int) -> Tracked:
         return cls(pid, os.pidfd_open(pid))
 
+    @classmethod
+    def gone(cls) -> Tracked:
+        """A process that exited before it could be named: pid 0, `exited` set at watch()."""
+        return cls(0, -1)
+
     async def watch(self) -> None:
         """Run as one task per process; sets `exited`."""
+        if self._fd < 0:
+            await trio.lowlevel.checkpoint()
+            self.exited.set()
+            return
         try:
             await trio.lowlevel.wait_readable(self._fd)
             self.exited.set()

@@ -55,6 +55,10 @@ log = structlog.get_logger("cvmfsd.mounter")
 STOP_GRACE = 5.0
 # Seconds a call on a backend (an xattr, the talk socket) may take before it counts as hung.
 BACKEND_CALL_TIMEOUT = 10.0
+# A boot whose serving process is not among the daemon's children in this many scans, this far
+# apart, lost it right after the boot.
+IDENTIFY_SCANS = 10
+IDENTIFY_INTERVAL = 0.05
 # A dead connection is answered until nothing arrives for this long: processes that were on
 # their way in when the mount was detached.
 DRAIN_IDLE = 0.1
@@ -423,7 +427,7 @@ class Mounter:
             return
         assert process is not None
         self.registry.booted(repo, process, trio.current_time(), time.time())
-        self._log_attempt(repo, started, process.pid, None)
+        self._log_attempt(repo, started, process.pid or None, None)
         self.watch(repo, process)
 
     async def _drop_pin_config(self, repo: Repo) -> None:
@@ -459,15 +463,16 @@ class Mounter:
         A cvmfs2 that dies before it answers would leave that request waiting in the kept
         connection; so its processes — daemonized, they are this daemon's children now, found
         by their /dev/fd/N — are watched meanwhile, and one that exits is taken as the serving
-        process: its death is then healed like any other (and counted as one)."""
+        process: its death is then healed like any other (and counted as one). One that is
+        gone already (its launcher has exited, so it was our child) is never among them: if
+        none turns up in IDENTIFY_SCANS scans, it died right after its boot — healed too,
+        not a failed boot after BACKEND_CALL_TIMEOUT."""
         path = self.cfg.root / repo.path
-        candidates = {}
-        for pid in orphans_with(f"/dev/fd/{fuse_fd}", repo.fqrn):
-            with contextlib.suppress(OSError):
-                candidates[pid] = os.pidfd_open(pid)
+        candidates: dict[int, int] = {}
         answer: list[int] = []
         died: list[int] = []
         error: BaseException | None = None
+        gone = False
         try:
             async with trio.open_nursery() as nursery:
                 async def ask() -> None:
@@ -485,9 +490,24 @@ class Mounter:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(ask)
-                for pid, pidfd in candidates.items():
-                    nursery.start_soon(watch, pid, pidfd)
+                # /proc/<pid>/task/*/children can miss a child while others fork and exit (a
+                # storm of boots): one empty scan is not yet proof.
+                for _ in range(IDENTIFY_SCANS):
+                    for pid in orphans_with(f"/dev/fd/{fuse_fd}", repo.fqrn):
+                        with contextlib.suppress(OSError):
+                            candidates[pid] = os.pidfd_open(pid)
+                            nursery.start_soon(watch, pid, candidates[pid])
+                    if candidates:
+                        break
+                    await trio.sleep(IDENTIFY_INTERVAL)
+                else:
+                    gone = True
+                    nursery.cancel_scope.cancel()
             chosen = answer[0] if answer else (died[0] if died else None)
+            if chosen is None and gone:
+                log.warning("serving_process_gone", repo=repo.name,
+                            reason="no process serves the mount after its launcher exited")
+                return Tracked.gone()
             if chosen is None:
                 raise AttachFailed(f"cvmfs2 started but its mount does not answer: {error}")
             pidfd = candidates.pop(chosen, None)
@@ -544,8 +564,11 @@ class Mounter:
         await process.exited.wait()
         await trio.sleep(0.01)  # the reaper usually has the exit status by now
         if repo.process is process and repo.state is State.MOUNTED:
-            status = _exit_text(self.children.recent.get(process.pid))
-            await self.heal(repo, f"serving process {process.pid} {status}")
+            if process.pid:
+                status = _exit_text(self.children.recent.get(process.pid))
+                await self.heal(repo, f"serving process {process.pid} {status}")
+            else:
+                await self.heal(repo, "serving process exited before it was identified")
 
     async def heal(self, repo: Repo, why: str) -> None:
         """Detach a dead mount and mount the repository again at once (unless it crash-loops):

@@ -93,7 +93,7 @@ class Repo:
 
     @property
     def serving_pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return (self.process.pid or None) if self.process else None  # 0: never named
 
 
 class Registry:
