@@ -152,31 +152,24 @@ class Daemon:
     def wait_mounted(self, *repos: str, timeout: float = 30) -> None:
         """Until the daemon logged each repository's mount: a first access succeeds as soon as
         cvmfs2 serves, a moment before the daemon has read the serving pid and logged it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            done = {r["repo"] for r in self.events("mount") if r["result"] == "mounted"}
-            if set(repos) <= done:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not logged as mounted: {set(repos) - done}")
-            time.sleep(0.02)
+        def missing() -> set[str]:
+            return set(repos) - {r["repo"] for r in self.mount_attempts()
+                                 if r["result"] == "mounted"}
+        self.wait_for(f"mount lines of {sorted(repos)}", lambda: not missing(), timeout=timeout)
 
-    def wait_mounts(self, repo: str, count: int, timeout: float = 60) -> None:
-        """Until the daemon logged `count` successful mounts of repo (a remount is one more)."""
-        self.wait_for(f"{count} logged mounts of {repo}", lambda: sum(
-            1 for r in self.mount_attempts(repo) if r["result"] == "mounted") >= count,
-            timeout=timeout)
-
-    def logged_attempts(self, repo: str, count: int = 1,
-                        timeout: float = 30) -> list[dict[str, Any]]:
-        """Every logged mount attempt of repo, once at least `count` are there: a failed
-        attempt's line is queued before the caller is answered, and written a moment later."""
+    def logged_attempts(self, repo: str, count: int = 1, timeout: float = 60,
+                        result: str | None = None) -> list[dict[str, Any]]:
+        """Every logged mount attempt of repo (with that result, if given: "mounted" counts
+        remounts too), once at least `count` are there: cvmfs2 answers, and a failed attempt's
+        caller is answered, a moment before the daemon's writer thread has logged the line."""
         def enough() -> list[dict[str, Any]] | None:
-            attempts = self.mount_attempts(repo)
+            attempts = [r for r in self.mount_attempts(repo)
+                        if result is None or r["result"] == result]
             return attempts if len(attempts) >= count else None
-        result: list[dict[str, Any]] = self.wait_for(
-            f"{count} logged mount attempts of {repo}", enough, timeout=timeout)
-        return result
+        found: list[dict[str, Any]] = self.wait_for(
+            f"{count} logged mount attempts of {repo}" + (f" ({result})" if result else ""),
+            enough, timeout=timeout)
+        return found
 
     def path(self, name: str) -> Path:
         return self.root / name

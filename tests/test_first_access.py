@@ -102,7 +102,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
     pod = PodView(daemon.root, daemon.env.tmp / "pod")  # a namespace made before the lookup
     try:
         assert (path / "README").read_text() == DEMO_FILES["README"]  # LOOKUP, then the mount
-        daemon.wait_mounts(name, 1)
+        daemon.logged_attempts(name, 1, result="mounted")
         nodeid = _nodeids(daemon.root)[name]
         assert pod.do("scandir", "")["inodes"] == {name: nodeid}
         # Listings (readdirplus) and fresh lookups after the mount: the same nodeid, and the
@@ -119,7 +119,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
         assert daemon.call("umount", name=name)["ok"]
         assert str(path) not in mounts_under(daemon.root) and name not in os.listdir(daemon.root)
         assert (path / "README").read_text() == DEMO_FILES["README"]
-        daemon.wait_mounts(name, 2)
+        daemon.logged_attempts(name, 2, result="mounted")
         assert _nodeids(daemon.root) == {name: nodeid}
 
         # Its backend killed, healed on the next access: still the same nodeid.
@@ -128,7 +128,7 @@ def test_a_name_keeps_one_nodeid_across_lookup_mount_and_remounts(daemon: Daemon
         daemon.wait_for("the heal", lambda: any(e["repo"] == name
                                                 for e in daemon.events("healed")))
         assert (path / "README").read_text() == DEMO_FILES["README"]
-        daemon.wait_mounts(name, 3)
+        daemon.logged_attempts(name, 3, result="mounted")
         assert int(os.getxattr(path, "user.pid")) != pid
         assert _nodeids(daemon.root) == {name: nodeid}
         assert pod.do("scandir", "")["inodes"] == {name: nodeid}

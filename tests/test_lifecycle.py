@@ -151,7 +151,7 @@ def test_backend_that_crashes_on_every_boot_is_backed_off(start_daemon) -> None:
     for death in range(1, 5):
         # Each boot (the first by the access, the next ones by the heal itself) is let alone
         # until the daemon logged it: the requests counted below are then this boot's.
-        d.wait_mounts(repo, death)
+        d.logged_attempts(repo, death, result="mounted")
         # Requests on one open handle until the backend panics: an error on a handle is not
         # retried on the next mount (a path's would be, racing with that mount's start).
         fd = os.open(d.path(repo), os.O_RDONLY | os.O_DIRECTORY)

@@ -42,7 +42,7 @@ def test_killed_serving_process_is_healed(start_daemon, sig: signal.Signals) -> 
     new = serving_pid(path)
     assert new != old and psutil.pid_exists(new)
     assert (path / "big.bin").read_bytes() == big(repo)
-    d.wait_mounts(repo, 2)  # cvmfs2 answers before the daemon logs the mount
+    d.logged_attempts(repo, 2, result="mounted")  # cvmfs2 answers before the daemon logs the mount
     attempts = d.mount_attempts(repo)
     assert [a["result"] for a in attempts] == ["mounted", "mounted"], attempts
     assert attempts[-1]["serving_pid"] == new
