@@ -420,11 +420,11 @@ def coerce(values: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(name, BY_NAME, n=1)
             if name in RETIRED:
                 hints.append(f"{name} ({RETIRED[name]})")
-            else:
-                hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+                continue
+            close = difflib.get_close_matches(name, BY_NAME, n=1)
+            hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
         raise ConfigError(f"unknown configuration keys: {', '.join(hints)}")
     return {k: _coerce(BY_NAME[k], v) for k, v in values.items()}
 
